@@ -1,0 +1,123 @@
+"""The experiment configuration: one frozen, validated dataclass.
+
+Flags live in ``dgm_tf/main.py`` only; the library receives a ``Config``. Defaults are
+the reference's MNIST DGMw setting (SAP/machine-learning-dgm, cfg/cfg_mnist_dgmw.yml),
+except ``epochs`` which is shortened so that a default run finishes in minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+METHODS = ("dgmw",)
+PRECISIONS = ("float32",)
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message names the flag."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that defines an experiment (not where it is written)."""
+
+    # Scenario.
+    method: str = "dgmw"
+    dataset: str = "embedded"
+    class_order: tuple[int, ...] | None = None  # None: sorted class ids
+    classes_per_task: int = 1
+    num_tasks: int = 0  # 0: as many as the class order allows
+    train_examples_per_class: int = 0  # 0: all left after the validation split
+    validation_fraction: float = 0.15  # reference: dataloaders/split_MNIST.py pc_valid
+    seed: int = 0
+
+    # Training.
+    epochs: int = 20  # per task; the reference trains 101 (MNIST) / 151 (SVHN)
+    batch_size: int = 64
+    eval_every: int = 2  # epochs between validation/test evaluations (reference: 2)
+    samples_per_class: int = 10  # generated images per class in samples/ grids
+
+    # Networks (reference MNIST DGMw).
+    nz: int = 128
+    ngf: int = 6
+    ndf: int = 32
+
+    # Optimisation (reference MNIST DGMw: lr_D = lr_G = 0.002, beta1 = 0.5).
+    lr_d: float = 0.002
+    lr_g: float = 0.002
+    beta1: float = 0.5
+    beta2: float = 0.999
+
+    # DGM.
+    smax: float = 1e4
+    lambda_mask: float = 0.08
+    lambda_gp: float = 1.0
+    aux_g: bool = False  # add the ACGAN class loss to the generator (reference: aux_G)
+    reinit_d: bool = True  # fresh discriminator at every task start (reference: reinit_D)
+    replay: bool = True  # replay generated past classes to the classifier (False: ablation)
+    clip_norm: float = 10000.0  # generator gradient-norm clip (reference: clipgrad)
+    hat_thres_cosh: float = 50.0  # clamp of s*e in the HAT compensation (reference)
+
+    def __post_init__(self):
+        validate(self)
+
+    def to_flags(self) -> list[str]:
+        """``--name=value`` lines that reproduce this config with ``dgm_tf.main``."""
+        lines = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "class_order":
+                value = "" if value is None else ",".join(str(c) for c in value)
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            lines.append(f"--{field.name}={value}")
+        return lines
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["class_order"] is not None:
+            d["class_order"] = list(d["class_order"])
+        return d
+
+
+def _require(condition: bool, flag: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"--{flag}: {message}")
+
+
+def validate(c: Config) -> None:
+    """Raise ConfigError naming the first flag whose value is invalid."""
+    _require(c.method in METHODS, "method", f"unknown method {c.method!r}; choose one of {', '.join(METHODS)}")
+    _require(bool(c.dataset), "dataset", "must not be empty (e.g. embedded, idx:/path/to/dir)")
+    if c.class_order is not None:
+        _require(len(c.class_order) > 0, "class_order", "must list at least one class")
+        _require(all(int(x) >= 0 for x in c.class_order), "class_order", "class ids must be >= 0")
+        dupes = sorted({x for x in c.class_order if c.class_order.count(x) > 1})
+        _require(not dupes, "class_order", f"repeats classes {dupes}")
+    _require(c.classes_per_task >= 1, "classes_per_task", f"must be >= 1, got {c.classes_per_task}")
+    _require(c.num_tasks >= 0, "num_tasks", f"must be >= 0 (0 = all), got {c.num_tasks}")
+    _require(
+        c.train_examples_per_class >= 0,
+        "train_examples_per_class",
+        f"must be >= 0 (0 = all), got {c.train_examples_per_class}",
+    )
+    _require(
+        0.0 < c.validation_fraction < 1.0,
+        "validation_fraction",
+        f"must be in (0, 1), got {c.validation_fraction}",
+    )
+    _require(c.epochs >= 1, "epochs", f"must be >= 1, got {c.epochs}")
+    _require(c.batch_size >= 1, "batch_size", f"must be >= 1, got {c.batch_size}")
+    _require(c.eval_every >= 1, "eval_every", f"must be >= 1, got {c.eval_every}")
+    _require(c.samples_per_class >= 1, "samples_per_class", f"must be >= 1, got {c.samples_per_class}")
+    _require(c.nz >= 1, "nz", f"must be >= 1, got {c.nz}")
+    _require(c.ngf >= 1, "ngf", f"must be >= 1, got {c.ngf}")
+    _require(c.ndf >= 1, "ndf", f"must be >= 1, got {c.ndf}")
+    for name in ("lr_d", "lr_g", "smax", "clip_norm", "hat_thres_cosh"):
+        _require(getattr(c, name) > 0, name, f"must be > 0, got {getattr(c, name)}")
+    for name in ("beta1", "beta2"):
+        _require(0.0 <= getattr(c, name) < 1.0, name, f"must be in [0, 1), got {getattr(c, name)}")
+    for name in ("lambda_mask", "lambda_gp"):
+        _require(getattr(c, name) >= 0, name, f"must be >= 0, got {getattr(c, name)}")
+    _require(c.smax >= 1, "smax", f"must be >= 1 (masks are binarised at s = smax), got {c.smax}")

@@ -1,0 +1,258 @@
+"""The task loop shared by every method: begin task, fit, evaluate, end task, write.
+
+``run_experiment(config, workdir)`` is the library's entry point; ``dgm_tf.main`` only
+turns flags into a ``Config`` and calls it. Everything a run writes goes under
+``workdir`` (layout in WORKSPACE.md).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import time
+from typing import Sequence
+
+import keras
+import numpy as np
+from absl import logging
+
+from dgm_tf import io_utils, metrics
+from dgm_tf.config import Config, ConfigError
+from dgm_tf.data import Scenario, TaskData, load_dataset, make_scenario
+from dgm_tf.methods import make_method
+from dgm_tf.methods.base import ContinualMethod
+
+EVAL_BATCH = 500
+REPLAY_EVAL_PER_CLASS = 100
+
+
+class WorkdirError(ConfigError):
+    """The work directory cannot be used (not empty, not writable)."""
+
+
+def build_scenario(config: Config) -> Scenario:
+    """Load the dataset and cut it into tasks as the config says."""
+    raw = load_dataset(config.dataset)
+    scenario = make_scenario(
+        raw,
+        class_order=config.class_order,
+        classes_per_task=config.classes_per_task,
+        num_tasks=config.num_tasks or None,
+        train_examples_per_class=config.train_examples_per_class,
+        validation_fraction=config.validation_fraction,
+        seed=config.seed,
+    )
+    if config.nz <= scenario.num_classes:
+        raise ConfigError(
+            f"--nz: must exceed the number of classes ({scenario.num_classes}), whose one-hot "
+            f"code overwrites the first entries of the noise; got {config.nz}"
+        )
+    return scenario
+
+
+def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
+    """Create ``workdir``; refuse one that already holds files (nothing is overwritten)."""
+    path = pathlib.Path(workdir)
+    if path.exists() and not path.is_dir():
+        raise WorkdirError(f"--workdir={workdir}: exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        raise WorkdirError(
+            f"--workdir={workdir}: directory is not empty; choose a new one or remove it "
+            "(a run never overwrites an earlier run's files)"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise WorkdirError(f"--workdir={workdir}: not writable ({e.strerror})") from None
+    return path
+
+
+def evaluate(method: ContinualMethod, tasks: Sequence[TaskData], split: str) -> tuple[list[float], list[float]]:
+    """Class-incremental and task-aware accuracy on each task's ``split`` ("val"/"test")."""
+    class_il, task_aware = [], []
+    for task in tasks:
+        x, y = getattr(task, f"x_{split}"), getattr(task, f"y_{split}")
+        logits = np.concatenate(
+            [method.classifier_logits(x[i : i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)]
+        )
+        class_il.append(metrics.accuracy_from_predictions(np.argmax(logits, axis=1), y))
+        task_aware.append(
+            metrics.accuracy_from_predictions(metrics.task_aware_predictions(logits, task.labels), y)
+        )
+    return class_il, task_aware
+
+
+class ValidationSelection(keras.callbacks.Callback):
+    """Every ``every`` epochs (and after the last), evaluate validation and test accuracy
+    on all seen tasks; keep the test row of the epoch with the best mean validation
+    accuracy (the reference's reported figure: approaches/DGMw.py ``valid``)."""
+
+    def __init__(self, method: ContinualMethod, tasks: Sequence[TaskData], every: int, epochs: int):
+        super().__init__()
+        self.method, self.tasks, self.every, self.epochs = method, tasks, every, epochs
+        self.best_val = -1.0
+        self.best_test: list[float] | None = None
+        self.best_epoch: int | None = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch % self.every and epoch != self.epochs - 1:
+            return
+        val, _ = evaluate(self.method, self.tasks, "val")
+        if float(np.mean(val)) > self.best_val:
+            self.best_val = float(np.mean(val))
+            self.best_test, _ = evaluate(self.method, self.tasks, "test")
+            self.best_epoch = epoch
+        if logs is not None:
+            logs["val_acc"] = float(np.mean(val))
+
+
+class ProgressLogger(keras.callbacks.Callback):
+    """One console line per epoch: losses, epoch time and the task's ETA."""
+
+    KEYS = ("d_loss", "g_loss", "wasserstein", "gradient_penalty", "mask_reg", "c_loss", "c_acc", "val_acc", "s")
+
+    def __init__(self, task: int, num_tasks: int, epochs: int):
+        super().__init__()
+        self.task, self.num_tasks, self.epochs = task, num_tasks, epochs
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / (epoch + 1) * (self.epochs - epoch - 1)
+        values = " ".join(f"{k}={logs[k]:.4g}" for k in self.KEYS if k in logs)
+        logging.info(
+            "task %d/%d epoch %d/%d %s (%.1fs, task ETA %.0fs)",
+            self.task + 1, self.num_tasks, epoch + 1, self.epochs, values, elapsed, eta,
+        )
+
+
+def _matrix(rows: Sequence[Sequence[float]], num_tasks: int) -> list[list[float | None]]:
+    return [list(r) + [None] * (num_tasks - len(r)) for r in rows]
+
+
+def replay_accuracy(method: ContinualMethod, scenario: Scenario, task: int, per_class: int, seed: int):
+    """Per seen class, the current classifier's accuracy on generated images of that
+    class (None for non-generative methods): how recognisable the generative memory is."""
+    seen = [label for t in scenario.tasks[: task + 1] for label in t.labels]
+    labels = np.repeat(np.array(seen, np.int32), per_class)
+    images = method.sample(labels, seed=seed)
+    if images is None:
+        return None
+    logits = np.concatenate(
+        [method.classifier_logits(images[i : i + EVAL_BATCH]) for i in range(0, len(images), EVAL_BATCH)]
+    )
+    hits = np.argmax(logits, axis=1) == labels
+    return [float(hits[labels == c].mean()) for c in seen]
+
+
+def write_sample_grid(method: ContinualMethod, scenario: Scenario, task: int, workdir: pathlib.Path, config: Config):
+    """samples/task_XX.png: one row per seen class, ``samples_per_class`` columns."""
+    seen = [label for t in scenario.tasks[: task + 1] for label in t.labels]
+    labels = np.repeat(np.array(seen, np.int32), config.samples_per_class)
+    images = method.sample(labels, seed=config.seed + 7919 * (task + 1))
+    if images is None:
+        return None
+    path = workdir / "samples" / f"task_{task + 1:02d}.png"
+    io_utils.save_png(path, io_utils.image_grid(images, ncols=config.samples_per_class))
+    return path
+
+
+def run_experiment(config: Config, workdir: str | os.PathLike) -> dict:
+    """Run every task of the scenario and return (and write) the results.
+
+    Raises ConfigError, DataError or WorkdirError for user errors, before anything is
+    written when possible.
+    """
+    scenario = build_scenario(config)  # user errors in data/flags surface before any write
+    path = prepare_workdir(workdir)
+    io_utils.atomic_write_text(
+        path / "flags.txt",
+        "# Reproduces this run: python -m dgm_tf.main --flagfile=flags.txt --workdir=<new dir>\n"
+        + "\n".join(config.to_flags())
+        + "\n",
+    )
+    keras.utils.set_random_seed(config.seed)
+    logging.info(
+        "%s on %s: %d tasks of %d classes, order %s, %d train images per task",
+        config.method, scenario.dataset, scenario.num_tasks, scenario.classes_per_task,
+        list(scenario.class_order), len(scenario.tasks[0].x_train),
+    )
+    method = make_method(config, scenario)
+    T = scenario.num_tasks
+    acc_rows, aware_rows, best_rows, replay_rows, summaries, wall = [], [], [], [], [], []
+    results: dict = {}
+    for task in scenario.tasks:
+        t = task.index
+        start = time.perf_counter()
+        method.begin_task(task)
+        selection = ValidationSelection(method, scenario.tasks[: t + 1], config.eval_every, config.epochs)
+        method.train_task(task, [selection, ProgressLogger(t, T, config.epochs)])
+        class_il, task_aware = evaluate(method, scenario.tasks[: t + 1], "test")
+        method.end_task(task)
+        write_sample_grid(method, scenario, t, path, config)
+        replay_rows.append(
+            replay_accuracy(method, scenario, t, REPLAY_EVAL_PER_CLASS, seed=config.seed + 104729 * (t + 1))
+        )
+        wall.append(time.perf_counter() - start)
+        acc_rows.append(class_il)
+        aware_rows.append(task_aware)
+        best_rows.append(selection.best_test)
+        summaries.append(method.task_summary())
+        results = _results(config, scenario, acc_rows, aware_rows, best_rows, replay_rows, summaries, wall)
+        io_utils.atomic_write_json(path / "results.json", results)
+        logging.info(
+            "task %d/%d done in %.0fs: A_%d=%.4f  accuracies %s",
+            t + 1, T, wall[-1], t + 1, results["average_accuracy"][-1],
+            " ".join(f"{a:.3f}" for a in class_il),
+        )
+    logging.info("summary:\n%s", format_summary(results))
+    return results
+
+
+def _results(config, scenario, acc_rows, aware_rows, best_rows, replay_rows, summaries, wall) -> dict:
+    T = scenario.num_tasks
+    summary = metrics.summary(_matrix(acc_rows, T))
+    best = [r for r in best_rows if r is not None]
+    return {
+        "method": config.method,
+        "dataset": scenario.dataset,
+        "class_order": list(scenario.class_order),
+        "class_names": list(scenario.class_names),
+        "tasks": [list(t.classes) for t in scenario.tasks],
+        "tasks_completed": len(acc_rows),
+        "accuracy_matrix": _matrix(acc_rows, T),
+        "average_accuracy": summary["average_accuracy"],
+        "task_aware_accuracy_matrix": _matrix(aware_rows, T),
+        "task_aware_average_accuracy": metrics.average_accuracy(_matrix(aware_rows, T)),
+        "best_validation_accuracy_matrix": _matrix(best, T) if len(best) == len(best_rows) else None,
+        "best_validation_average_accuracy": (
+            metrics.average_accuracy(_matrix(best, T)) if len(best) == len(best_rows) else None
+        ),
+        "forgetting": summary["forgetting"],
+        "average_forgetting": summary["average_forgetting"],
+        "bwt": summary["bwt"],
+        # Row t: after task t, the classifier's accuracy on generated images of every
+        # seen class (class order); null for methods without a generator.
+        "replay_accuracy": replay_rows,
+        "generator_params": [s.get("generator_params") for s in summaries],
+        "method_state": summaries,
+        "wall_time_s": [round(w, 3) for w in wall],
+        "config": config.as_dict(),
+    }
+
+
+def format_summary(results: dict) -> str:
+    """A small per-task table: A_t, end-of-task and best-validation figures."""
+    lines = [f"{'task':>4} {'classes':<14} {'A_t':>7} {'A_t(val-sel)':>12} {'task-aware':>10} {'time[s]':>8}"]
+    best = results.get("best_validation_average_accuracy") or [math.nan] * len(results["average_accuracy"])
+    for t, a in enumerate(results["average_accuracy"]):
+        lines.append(
+            f"{t + 1:>4} {','.join(str(c) for c in results['tasks'][t]):<14} {a:>7.4f} {best[t]:>12.4f} "
+            f"{results['task_aware_average_accuracy'][t]:>10.4f} {results['wall_time_s'][t]:>8.1f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,121 @@
+r"""Command line: run one continual-learning experiment.
+
+    python -m dgm_tf.main --flagfile=configs/quickstart.cfg --workdir=runs/quickstart
+
+Flags are defined here and nowhere else; they become a frozen ``Config`` that the
+library (``dgm_tf.engine.run_experiment``) receives.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+from dgm_tf.config import Config
+
+_D = Config()  # defaults, shown in --help
+
+flags.DEFINE_string("workdir", None, "Directory for everything the run writes (must be new or empty).")
+flags.DEFINE_string("method", _D.method, "Method: dgmw.")
+flags.DEFINE_string("dataset", _D.dataset, "Data source: 'embedded' (packaged Fashion-MNIST sample) or 'idx:<dir>'.")
+flags.DEFINE_list("class_order", [], "Original class ids in task order, comma separated (empty: sorted ids).")
+flags.DEFINE_integer("classes_per_task", _D.classes_per_task, "Classes per task.")
+flags.DEFINE_integer("num_tasks", _D.num_tasks, "Number of tasks (0: all the class order allows).")
+flags.DEFINE_integer("train_examples_per_class", _D.train_examples_per_class,
+                     "Cap on training images per class after the validation split (0: all).")
+flags.DEFINE_float("validation_fraction", _D.validation_fraction, "Share of each class's training images held out.")
+flags.DEFINE_integer("seed", _D.seed, "Seed of data splits, initialisation, noise and shuffles.")
+flags.DEFINE_integer("epochs", _D.epochs, "Epochs per task.")
+flags.DEFINE_integer("batch_size", _D.batch_size, "Real images per iteration.")
+flags.DEFINE_integer("eval_every", _D.eval_every, "Epochs between validation/test evaluations.")
+flags.DEFINE_integer("samples_per_class", _D.samples_per_class, "Generated images per class in samples/ grids.")
+flags.DEFINE_integer("nz", _D.nz, "Noise size of the generator (its first entries carry the class code).")
+flags.DEFINE_integer("ngf", _D.ngf, "Generator width: the masked layers start at 4·ngf, 2·ngf, ngf channels.")
+flags.DEFINE_integer("ndf", _D.ndf, "Discriminator width: ndf, 2·ndf, 4·ndf channels.")
+flags.DEFINE_float("lr", None, "Learning rate of both networks (sets --lr_d and --lr_g).")
+flags.DEFINE_float("lr_d", _D.lr_d, "Discriminator/classifier learning rate (Adam).")
+flags.DEFINE_float("lr_g", _D.lr_g, "Generator learning rate (Adam).")
+flags.DEFINE_float("beta1", _D.beta1, "Adam beta1 of both networks.")
+flags.DEFINE_float("beta2", _D.beta2, "Adam beta2 of both networks.")
+flags.DEFINE_float("smax", _D.smax, "Largest mask scale s; masks are binarised at s = smax.")
+flags.DEFINE_float("lambda_mask", _D.lambda_mask, "Weight of the mask regulariser (scaled by generator growth).")
+flags.DEFINE_float("lambda_gp", _D.lambda_gp, "Weight of the WGAN-GP gradient penalty.")
+flags.DEFINE_boolean("aux_g", _D.aux_g, "Add the ACGAN classification loss to the generator.")
+flags.DEFINE_boolean("reinit_d", _D.reinit_d, "Re-initialise the discriminator at every task start.")
+flags.DEFINE_boolean("replay", _D.replay, "Replay generated past classes to the classifier (--noreplay: ablation).")
+flags.DEFINE_float("clip_norm", _D.clip_norm, "Global-norm clip of generator gradients.")
+flags.DEFINE_float("hat_thres_cosh", _D.hat_thres_cosh, "Clamp of s·e in the HAT gradient compensation.")
+
+FLAGS = flags.FLAGS
+
+
+def config_from_flags() -> Config:
+    """The validated Config the flags describe (raises ConfigError)."""
+    from dgm_tf.config import ConfigError
+
+    try:
+        order = tuple(int(c) for c in FLAGS.class_order) if FLAGS.class_order else None
+    except ValueError:
+        raise ConfigError(
+            f"--class_order: expected comma-separated integers, got {','.join(FLAGS.class_order)!r}"
+        ) from None
+    lr_d = FLAGS.lr if FLAGS.lr is not None else FLAGS.lr_d
+    lr_g = FLAGS.lr if FLAGS.lr is not None else FLAGS.lr_g
+    return Config(
+        method=FLAGS.method,
+        dataset=FLAGS.dataset,
+        class_order=order,
+        classes_per_task=FLAGS.classes_per_task,
+        num_tasks=FLAGS.num_tasks,
+        train_examples_per_class=FLAGS.train_examples_per_class,
+        validation_fraction=FLAGS.validation_fraction,
+        seed=FLAGS.seed,
+        epochs=FLAGS.epochs,
+        batch_size=FLAGS.batch_size,
+        eval_every=FLAGS.eval_every,
+        samples_per_class=FLAGS.samples_per_class,
+        nz=FLAGS.nz,
+        ngf=FLAGS.ngf,
+        ndf=FLAGS.ndf,
+        lr_d=lr_d,
+        lr_g=lr_g,
+        beta1=FLAGS.beta1,
+        beta2=FLAGS.beta2,
+        smax=FLAGS.smax,
+        lambda_mask=FLAGS.lambda_mask,
+        lambda_gp=FLAGS.lambda_gp,
+        aux_g=FLAGS.aux_g,
+        reinit_d=FLAGS.reinit_d,
+        replay=FLAGS.replay,
+        clip_norm=FLAGS.clip_norm,
+        hat_thres_cosh=FLAGS.hat_thres_cosh,
+    )
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from dgm_tf.config import ConfigError
+    from dgm_tf.data import DataError
+
+    try:
+        if not FLAGS.workdir:
+            raise ConfigError("--workdir: required (a new or empty directory for the run's files)")
+        config = config_from_flags()
+        from dgm_tf import engine  # TensorFlow is imported only once the flags are valid
+
+        logging.info("config: %s", config)
+        engine.run_experiment(config, FLAGS.workdir)
+    except (ConfigError, DataError) as e:  # user errors: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,21 @@
+"""Continual-learning methods; each registered under its --method name."""
+
+from __future__ import annotations
+
+from dgm_tf.config import Config, ConfigError
+from dgm_tf.methods.base import ContinualMethod
+from dgm_tf.methods.dgm import DGMw
+
+METHODS: dict[str, type[ContinualMethod]] = {"dgmw": DGMw}
+
+
+def make_method(config: Config, scenario) -> ContinualMethod:
+    """The method named by ``config.method`` for ``scenario``."""
+    try:
+        cls = METHODS[config.method]
+    except KeyError:
+        raise ConfigError(f"--method: unknown method {config.method!r}; choose one of {', '.join(METHODS)}") from None
+    return cls(config, scenario)
+
+
+__all__ = ["METHODS", "ContinualMethod", "DGMw", "make_method"]

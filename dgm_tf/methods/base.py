@@ -1,0 +1,51 @@
+"""The interface every continual-learning method offers the engine."""
+
+from __future__ import annotations
+
+import abc
+from typing import Sequence
+
+import keras
+import numpy as np
+
+from dgm_tf.config import Config
+from dgm_tf.data import Scenario, TaskData
+
+
+class ContinualMethod(abc.ABC):
+    """A method is driven task by task by ``dgm_tf.engine.run_experiment``.
+
+    For every task the engine calls ``begin_task``, ``train_task`` (which fits on the
+    task's real data, with whatever memory the method keeps), then evaluates
+    ``classifier_logits`` on every seen task, then calls ``end_task``.
+    """
+
+    name: str = "method"
+
+    def __init__(self, config: Config, scenario: Scenario):
+        self.config = config
+        self.scenario = scenario
+
+    @abc.abstractmethod
+    def begin_task(self, task: TaskData) -> None:
+        """Prepare networks, optimizers and memory for ``task``."""
+
+    @abc.abstractmethod
+    def train_task(self, task: TaskData, callbacks: Sequence[keras.callbacks.Callback]) -> None:
+        """Train on ``task`` for ``config.epochs`` epochs; callbacks see every epoch."""
+
+    @abc.abstractmethod
+    def end_task(self, task: TaskData) -> None:
+        """Consolidate what ``task`` learned (masks, importance, growth, ...)."""
+
+    @abc.abstractmethod
+    def classifier_logits(self, images: np.ndarray) -> np.ndarray:
+        """Logits over every class seen so far (inference mode), images in [-1, 1]."""
+
+    def sample(self, labels: np.ndarray, seed: int) -> np.ndarray | None:
+        """Generated images of ``labels`` in [-1, 1], or None for non-generative methods."""
+        return None
+
+    def task_summary(self) -> dict:
+        """Per-task numbers for results.json (e.g. ``generator_params``)."""
+        return {}

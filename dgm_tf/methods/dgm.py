@@ -1,0 +1,469 @@
+"""Dynamic Generative Memory with weight masks (DGMw).
+
+Ostapenko, Puscas, Klein, Jähnichen, Nabi: "Learning to Remember: A Synaptic Plasticity
+Driven Framework for Continual Learning", CVPR 2019. The semantics follow the authors'
+code (SAP/machine-learning-dgm, approaches/DGMw.py); ``../shared/DESIGN.md`` §2 lists
+them. One training iteration on task t, for one real batch:
+
+1. replay-classifier updates: the real batch plus a batch-sized slice of every past
+   task's replay set, shuffled together and cut into t+1 chunks, one cross-entropy step
+   of the discriminator's auxiliary head per chunk;
+2. the WGAN-GP critic update on real data of task t;
+3. the generator update with the mask regulariser; gradients of reserved weights
+   zeroed, HAT compensation of embedding gradients, global-norm clipping, Adam.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from dgm_tf.config import Config
+from dgm_tf.data import Scenario, TaskData
+from dgm_tf.methods.base import ContinualMethod
+from dgm_tf.models import Discriminator, Generator, growth_channels
+
+# Numerical floor inside the square root of the gradient-penalty norm: keeps the
+# gradient of ||g|| finite where g == 0 (PyTorch's norm backward returns 0 there).
+_GP_NORM_EPS = 1e-12
+_GENERATION_BATCH = 256
+
+
+# --------------------------------------------------------------------------------------
+# Pure pieces of the method, each pinned by a test.
+# --------------------------------------------------------------------------------------
+
+
+def s_schedule(epoch: int, epochs: int, offset: int, num_examples: int, smax: float) -> tuple[float, float]:
+    """The mask scale (s_epoch, s) for the batch starting at example ``offset``.
+
+    Per epoch ``s_ep = (smax - 1/smax) * epoch / epochs + 1/smax``; inside the epoch
+    ``s = (s_ep - 1/s_ep) * offset / num_examples + 1/s_ep`` (reference:
+    approaches/DGMw.py, ``s_g_max`` and ``s_g``). While s_ep < 1 the inner ramp runs
+    from 1/s_ep *down* to s_ep; the reference does exactly that and so do we.
+    """
+    s_ep = (smax - 1.0 / smax) * epoch / epochs + 1.0 / smax
+    s = (s_ep - 1.0 / s_ep) * offset / num_examples + 1.0 / s_ep
+    return s_ep, s
+
+
+def mask_regularizer(masks: Sequence[tf.Tensor], reserved: Sequence[tf.Tensor] | None) -> tf.Tensor:
+    """R = sum(m * (1 - m_pre)) / sum(1 - m_pre) over all masked layers.
+
+    For the first task (no reserved weights) R = sum(m) / count(m). R is in [0, 1]: the
+    fraction of still-free weights the current task claims (reference:
+    approaches/DGMw.py ``criterion``).
+    """
+    if reserved is None:
+        total = tf.add_n([tf.reduce_sum(m) for m in masks])
+        count = float(sum(int(np.prod(m.shape)) for m in masks))
+        return total / count
+    free = [1.0 - tf.cast(r, masks[0].dtype) for r in reserved]
+    total = tf.add_n([tf.reduce_sum(m * f) for m, f in zip(masks, free)])
+    return total / tf.add_n([tf.reduce_sum(f) for f in free])
+
+
+def hat_embedding_gradient_scale(embedding, s, s_epoch, thres_cosh: float = 50.0):
+    """Factor that compensates embedding gradients for the sigmoid's scale (HAT).
+
+    ``(s_ep / s) * (cosh(clamp(s * e, +-thres)) + 1) / (cosh(e) + 1)`` (Serra et al.,
+    ICML 2018, Eq. 6 with DGM's per-batch s; reference: approaches/DGMw.py).
+    """
+    e = tf.convert_to_tensor(embedding)
+    s = tf.cast(s, e.dtype)
+    num = tf.cosh(tf.clip_by_value(s * e, -thres_cosh, thres_cosh)) + 1.0
+    den = tf.cosh(e) + 1.0
+    return tf.cast(s_epoch, e.dtype) / s * num / den
+
+
+def scaled_lambda_mask(lambda_mask: float, widths: Sequence[int], initial_widths: Sequence[int]) -> float:
+    """lambda_mask times current / initial generator size, in channels of the masked
+    layers (reference: approaches/DGMw.py, ``lamb_G * total_size / free_size``)."""
+    return lambda_mask * sum(widths) / sum(initial_widths)
+
+
+def update_reserved(reserved: list[np.ndarray] | None, masks_at_smax: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Union of the earlier reserved masks with the task's mask binarised at >= 0.5."""
+    binary = [(np.asarray(m) >= 0.5).astype(np.float32) for m in masks_at_smax]
+    if reserved is None:
+        return binary
+    return [np.maximum(r, b) for r, b in zip(reserved, binary)]
+
+
+def pad_reserved(reserved: Sequence[np.ndarray], shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
+    """Zero-pad reserved masks (k, k, out, in) to grown kernel shapes: new weights are free."""
+    padded = []
+    for r, shape in zip(reserved, shapes):
+        pad = [(0, int(n) - int(o)) for n, o in zip(shape, r.shape)]
+        padded.append(np.pad(r, pad))
+    return padded
+
+
+# --------------------------------------------------------------------------------------
+# The per-task Keras model whose train_step is one DGM iteration.
+# --------------------------------------------------------------------------------------
+
+
+class DGMTaskTrainer(keras.Model):
+    """One DGM training iteration per real batch, for one task.
+
+    A new trainer is made for every task (after growth): Keras caches the traced
+    training function, and a function traced before growth keeps updating the old
+    variables without error. Making the trainer and its optimizers anew per task is
+    also the reference's behaviour (optimizers recreated at every task start).
+
+    The s schedule lives in two non-trainable variables (``s``, ``s_epoch``) that
+    ``MaskScaleSchedule`` assigns before every batch, so changing s needs no retrace.
+
+    Inputs per step: ``{"x", "y", "replay_x": tuple, "replay_y": tuple}`` with one
+    replay entry per past task.
+    """
+
+    def __init__(
+        self,
+        generator: Generator,
+        discriminator: Discriminator,
+        *,
+        task: int,
+        reserved: Sequence[np.ndarray] | None,
+        lambda_mask: float,
+        lambda_gp: float,
+        aux_g: bool,
+        clip_norm: float,
+        thres_cosh: float,
+        seed: int,
+    ):
+        super().__init__(name=f"dgm_task_{task}")
+        self.generator = generator
+        self.discriminator = discriminator
+        self.task = int(task)
+        self.lambda_mask = float(lambda_mask)
+        self.lambda_gp = float(lambda_gp)
+        self.aux_g = bool(aux_g)
+        self.clip_norm = float(clip_norm)
+        self.thres_cosh = float(thres_cosh)
+        self.reserved = None if reserved is None else [tf.constant(r, tf.float32) for r in reserved]
+        self.s = tf.Variable(1.0, trainable=False, dtype=tf.float32, name="s")
+        self.s_epoch = tf.Variable(1.0, trainable=False, dtype=tf.float32, name="s_epoch")
+        self.rng = tf.random.Generator.from_seed(seed)
+        self.g_variables = generator.task_trainable_variables(self.task)
+        ids = {id(v): i for i, v in enumerate(self.g_variables)}
+        self._kernel_index = [ids[id(c.kernel)] for c in generator.masked_convs]
+        self._embedding_index = [ids[id(c.task_embeddings[self.task])] for c in generator.masked_convs]
+        self.trackers = {
+            name: keras.metrics.Mean(name=name)
+            for name in (
+                "d_loss", "gradient_penalty", "wasserstein", "g_loss", "mask_reg",
+                "c_loss", "c_acc", "s",
+            )
+        }
+        self.built = True
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def compile(self, d_optimizer, g_optimizer):
+        super().compile(jit_compile=False)
+        self.d_optimizer = d_optimizer
+        self.g_optimizer = g_optimizer
+        # Build the slots now, outside the traced function.
+        self.d_optimizer.build(self.discriminator.trainable_variables)
+        self.g_optimizer.build(self.g_variables)
+
+    # -- the three updates --------------------------------------------------------------
+
+    def classifier_update(self, images, labels):
+        """One cross-entropy step of the auxiliary head on one chunk."""
+        variables = self.discriminator.trainable_variables
+        with tf.GradientTape() as tape:
+            _, logits = self.discriminator(images, training=True)
+            loss = tf.reduce_mean(
+                keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+            )
+        grads = tape.gradient(loss, variables)
+        # The reference (PyTorch 1.0) steps Adam on every discriminator parameter after
+        # zero_grad(), so heads a loss does not reach still move with their momentum.
+        grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
+        self.d_optimizer.apply_gradients(zip(grads, variables))
+        acc = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels), tf.float32))
+        return loss, acc
+
+    def gradient_penalty(self, real, fake):
+        """lambda_gp * mean((||grad_x D(x_hat)|| - 1)^2), x_hat = a*real + (1-a)*fake,
+        a ~ U(0, 1) per sample (Gulrajani et al., NeurIPS 2017)."""
+        alpha = self.rng.uniform([tf.shape(real)[0], 1, 1, 1], dtype=real.dtype)
+        x_hat = alpha * real + (1.0 - alpha) * fake
+        with tf.GradientTape() as tape:
+            tape.watch(x_hat)
+            critic, _ = self.discriminator(x_hat, training=True)
+        grad = tape.gradient(critic, x_hat)
+        norm = tf.sqrt(tf.reduce_sum(tf.square(grad), axis=[1, 2, 3]) + _GP_NORM_EPS)
+        return self.lambda_gp * tf.reduce_mean(tf.square(norm - 1.0))
+
+    def critic_update(self, real, labels):
+        z = self.generator.noise(labels, self.rng)
+        fake = self.generator(z, labels, task=self.task, s=self.s, training=True)
+        variables = self.discriminator.trainable_variables
+        with tf.GradientTape() as tape:
+            d_real, _ = self.discriminator(real, training=True)
+            d_fake, _ = self.discriminator(fake, training=True)
+            gp = self.gradient_penalty(real, fake)
+            wasserstein = tf.reduce_mean(d_real) - tf.reduce_mean(d_fake)
+            loss = -wasserstein + gp
+        grads = tape.gradient(loss, variables)
+        grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
+        self.d_optimizer.apply_gradients(zip(grads, variables))
+        return loss, gp, wasserstein
+
+    def generator_update(self, labels):
+        z = self.generator.noise(labels, self.rng)
+        with tf.GradientTape() as tape:
+            fake = self.generator(z, labels, task=self.task, s=self.s, training=True)
+            d_fake, logits = self.discriminator(fake, training=True)
+            reg = mask_regularizer(self.generator.masks(self.task, self.s), self.reserved)
+            loss = -tf.reduce_mean(d_fake) + self.lambda_mask * reg
+            if self.aux_g:
+                loss += tf.reduce_mean(
+                    keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+                )
+        grads = tape.gradient(loss, self.g_variables)
+        grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, self.g_variables)]
+        grads = self.constrain_generator_gradients(grads)
+        grads, _ = tf.clip_by_global_norm(grads, self.clip_norm)
+        self.g_optimizer.apply_gradients(zip(grads, self.g_variables))
+        return loss, reg
+
+    def constrain_generator_gradients(self, grads):
+        """Zero gradients of reserved weights; HAT-compensate embedding gradients."""
+        grads = list(grads)
+        for layer, (ki, ei) in enumerate(zip(self._kernel_index, self._embedding_index)):
+            if self.reserved is not None:
+                grads[ki] = grads[ki] * (1.0 - self.reserved[layer])
+            grads[ei] = grads[ei] * hat_embedding_gradient_scale(
+                self.g_variables[ei], self.s, self.s_epoch, self.thres_cosh
+            )
+        return grads
+
+    def train_step(self, data):
+        x, y = data["x"], data["y"]
+        replay_x, replay_y = data.get("replay_x", ()), data.get("replay_y", ())
+        b = tf.shape(x)[0]
+        if replay_x:
+            all_x = tf.concat([x] + [r[:b] for r in replay_x], axis=0)
+            all_y = tf.concat([y] + [r[:b] for r in replay_y], axis=0)
+            order = tf.argsort(self.rng.uniform([tf.shape(all_x)[0]]))
+            all_x, all_y = tf.gather(all_x, order), tf.gather(all_y, order)
+        else:
+            all_x, all_y = x, y
+        for k in range(len(replay_x) + 1):
+            c_loss, c_acc = self.classifier_update(all_x[k * b : (k + 1) * b], all_y[k * b : (k + 1) * b])
+            self.trackers["c_loss"].update_state(c_loss)
+            self.trackers["c_acc"].update_state(c_acc)
+        d_loss, gp, wasserstein = self.critic_update(x, y)
+        g_loss, reg = self.generator_update(y)
+        for name, value in (
+            ("d_loss", d_loss), ("gradient_penalty", gp), ("wasserstein", wasserstein),
+            ("g_loss", g_loss), ("mask_reg", reg), ("s", self.s),
+        ):
+            self.trackers[name].update_state(value)
+        return {name: t.result() for name, t in self.trackers.items()}
+
+
+class MaskScaleSchedule(keras.callbacks.Callback):
+    """Assigns s and s_epoch before every batch (see ``s_schedule``)."""
+
+    def __init__(self, trainer: DGMTaskTrainer, epochs: int, num_examples: int, batch_size: int, smax: float):
+        super().__init__()
+        self.trainer = trainer
+        self.epochs, self.num_examples = epochs, num_examples
+        self.batch_size, self.smax = batch_size, smax
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        s_ep, s = s_schedule(self._epoch, self.epochs, batch * self.batch_size, self.num_examples, self.smax)
+        self.trainer.s_epoch.assign(s_ep)
+        self.trainer.s.assign(s)
+
+
+# --------------------------------------------------------------------------------------
+# The method: hooks the engine drives.
+# --------------------------------------------------------------------------------------
+
+
+class DGMw(ContinualMethod):
+    """DGM with weight masks: task loop hooks around ``DGMTaskTrainer``."""
+
+    name = "dgmw"
+
+    def __init__(self, config: Config, scenario: Scenario):
+        super().__init__(config, scenario)
+        ngf = config.ngf
+        self.initial_widths = (4 * ngf, 2 * ngf, ngf)
+        self.image_channels = scenario.image_shape[-1]
+        self.generator: Generator | None = None
+        self.discriminator: Discriminator | None = None
+        self.trainer: DGMTaskTrainer | None = None
+        self.reserved: list[np.ndarray] | None = None  # union of binarised masks, per layer
+        self.reserved_counts = [0, 0, 0]
+        self.pending_growth = (0, 0, 0)
+        self.replay: list[tuple[np.ndarray, np.ndarray]] = []
+        self.history: list[dict] = []
+        self._seen_labels: list[int] = []
+        self._classify = None
+
+    # -- hooks ---------------------------------------------------------------------------
+
+    def begin_task(self, task: TaskData) -> None:
+        cfg = self.config
+        t = task.index
+        labels = tuple(task.labels)
+        if self.generator is None:
+            self.generator = Generator(
+                nz=cfg.nz,
+                num_code_classes=self.scenario.num_classes,
+                image_channels=self.image_channels,
+                task_widths=[self.initial_widths],
+                task_classes=[labels],
+                name="generator",
+            )
+        else:
+            # Growth and the new task's embedding row, BatchNorm and heads
+            # (DESIGN.md §2, end of task, steps 2-4).
+            self.generator = self.generator.grown(self.pending_growth, labels)
+            self.reserved = pad_reserved(self.reserved, [tuple(c.kernel.shape) for c in self.generator.masked_convs])
+        self._seen_labels += list(labels)
+        num_seen = len(self._seen_labels)
+        if self.discriminator is None or cfg.reinit_d:
+            self.discriminator = Discriminator(cfg.ndf, num_seen, self.image_channels, name="discriminator")
+        else:
+            self.discriminator = self.discriminator.with_classes(num_seen)
+        self.replay = (
+            self.build_replay(num_per_class=len(task.x_train), seed=cfg.seed * 1000 + t) if cfg.replay else []
+        )
+        self.trainer = DGMTaskTrainer(
+            self.generator,
+            self.discriminator,
+            task=t,
+            reserved=self.reserved,
+            lambda_mask=scaled_lambda_mask(cfg.lambda_mask, self.generator.widths, self.initial_widths),
+            lambda_gp=cfg.lambda_gp,
+            aux_g=cfg.aux_g,
+            clip_norm=cfg.clip_norm,
+            thres_cosh=cfg.hat_thres_cosh,
+            seed=cfg.seed * 1000 + t,
+        )
+        self.trainer.compile(self._adam(cfg.lr_d), self._adam(cfg.lr_g))
+        discriminator = self.discriminator
+        self._classify = tf.function(lambda x: discriminator(x, training=False)[1])
+
+    def _adam(self, lr: float):
+        # PyTorch's Adam epsilon (1e-8), as the reference uses; Keras defaults to 1e-7.
+        return keras.optimizers.Adam(lr, beta_1=self.config.beta1, beta_2=self.config.beta2, epsilon=1e-8)
+
+    def build_replay(self, num_per_class: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For every past task, ``num_per_class`` generated images of each of its classes
+        with that task's mask at smax, shuffled (reference: approaches/DGMw.py,
+        "Generating datasets"). Fixed for the whole task."""
+        replay = []
+        rng = np.random.default_rng(seed)
+        for past in range(self.generator.num_tasks - 1):
+            labels = np.repeat(np.array(self.generator.task_classes[past], np.int32), num_per_class)
+            images = self.generate(labels, task=past, seed=int(rng.integers(2**31)))
+            order = rng.permutation(len(labels))
+            replay.append((images[order], labels[order]))
+        return replay
+
+    def generate(self, labels: np.ndarray, task: int, seed: int) -> np.ndarray:
+        """Images of ``labels`` (all of ``task``) at s = smax, generator in inference mode."""
+        rng = tf.random.Generator.from_seed(seed)
+        out = []
+        for start in range(0, len(labels), _GENERATION_BATCH):
+            batch = tf.constant(labels[start : start + _GENERATION_BATCH], tf.int32)
+            z = self.generator.noise(batch, rng)
+            out.append(self.generator(z, batch, task=task, s=self.config.smax, training=False).numpy())
+        return np.concatenate(out, axis=0) if out else np.zeros((0,) + self.scenario.image_shape, np.float32)
+
+    def train_dataset(self, task: TaskData) -> tf.data.Dataset:
+        """Real batches of the task zipped with a batch of every past task's replay set."""
+        cfg = self.config
+        seed = cfg.seed * 1000 + task.index
+        n = len(task.x_train)
+        real = (
+            tf.data.Dataset.from_tensor_slices((task.x_train, task.y_train.astype(np.int32)))
+            .shuffle(n, seed=seed, reshuffle_each_iteration=True)
+            .batch(cfg.batch_size)
+        )
+        replays = tuple(
+            tf.data.Dataset.from_tensor_slices((x, y))
+            .shuffle(len(y), seed=seed + 1 + i, reshuffle_each_iteration=True)
+            .repeat()
+            .batch(cfg.batch_size)
+            for i, (x, y) in enumerate(self.replay)
+        )
+
+        def to_inputs(real_batch, *replay_batches):
+            return {
+                "x": real_batch[0],
+                "y": real_batch[1],
+                "replay_x": tuple(r[0] for r in replay_batches),
+                "replay_y": tuple(r[1] for r in replay_batches),
+            }
+
+        return tf.data.Dataset.zip((real,) + replays).map(to_inputs).prefetch(tf.data.AUTOTUNE)
+
+    def train_task(self, task: TaskData, callbacks: Sequence[keras.callbacks.Callback]) -> None:
+        cfg = self.config
+        schedule = MaskScaleSchedule(self.trainer, cfg.epochs, len(task.x_train), cfg.batch_size, cfg.smax)
+        self.trainer.fit(
+            self.train_dataset(task), epochs=cfg.epochs, verbose=0, shuffle=False, callbacks=[schedule, *callbacks]
+        )
+
+    def end_task(self, task: TaskData) -> None:
+        """Binarise the task's mask at smax, reserve it, and plan the growth that keeps
+        the free capacity constant (applied when the next task begins)."""
+        masks = [m.numpy() for m in self.generator.masks(task.index, self.config.smax)]
+        self.reserved = update_reserved(self.reserved, masks)
+        counts = [int(r.sum()) for r in self.reserved]
+        newly = [c - p for c, p in zip(counts, self.reserved_counts)]
+        self.reserved_counts = counts
+        self.pending_growth = growth_channels(newly, self.generator.widths, self.config.nz)
+        sizes = [int(np.prod(r.shape)) for r in self.reserved]
+        self.history.append(
+            {
+                "generator_params": self.generator.parameter_count(),
+                "generator_widths": list(self.generator.widths),
+                "newly_reserved": newly,
+                "reserved_fraction": [c / s for c, s in zip(counts, sizes)],
+                "task_mask_fraction": [float((m >= 0.5).mean()) for m in masks],
+                # Share of mask values at smax still far from 0/1 (should be ~0).
+                "task_mask_undecided_fraction": float(
+                    np.mean(np.concatenate([((m > 0.01) & (m < 0.99)).ravel() for m in masks]))
+                ),
+                "growth_channels": list(self.pending_growth),
+            }
+        )
+
+    # -- inference ----------------------------------------------------------------------
+
+    def classifier_logits(self, images: np.ndarray) -> np.ndarray:
+        return self._classify(tf.convert_to_tensor(images, tf.float32)).numpy()
+
+    def sample(self, labels: np.ndarray, seed: int) -> np.ndarray:
+        labels = np.asarray(labels, np.int32)
+        out = np.zeros((len(labels),) + self.scenario.image_shape, np.float32)
+        for t, classes in enumerate(self.generator.task_classes):
+            idx = np.flatnonzero(np.isin(labels, classes))
+            if len(idx):
+                out[idx] = self.generate(labels[idx], task=t, seed=seed + t)
+        return out
+
+    def task_summary(self) -> dict:
+        return dict(self.history[-1]) if self.history else {}
