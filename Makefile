@@ -1,0 +1,28 @@
+# Set-up and the two commands README.md documents. Everything runs in an isolated
+# virtual environment (.venv) that installs the package from setup.py.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+QUICKSTART_DIR ?= runs/quickstart
+
+.PHONY: quickstart test test-slow venv clean-quickstart
+
+$(BIN)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+# DGMw, 10 one-class tasks on the embedded Fashion-MNIST sample. A run never
+# overwrites an earlier one, so the quickstart's own directory is cleared first.
+quickstart: $(BIN)/.installed
+	rm -rf $(QUICKSTART_DIR)
+	$(BIN)/python -m dgm_tf.main --flagfile=configs/quickstart.cfg --workdir=$(QUICKSTART_DIR)
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest
+
+test-slow: $(BIN)/.installed
+	$(BIN)/python -m pytest -m slow

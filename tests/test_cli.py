@@ -1,0 +1,160 @@
+"""The command line end to end: run directory contents, flagfiles, and bad input."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dgm_tf import main as cli
+from dgm_tf.config import Config, ConfigError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = [
+    "--class_order=1,7",
+    "--epochs=2",
+    "--train_examples_per_class=32",
+    "--batch_size=16",
+    "--nz=16",
+    "--ngf=2",
+    "--ndf=4",
+    "--samples_per_class=3",
+]
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "dgm_tf.main", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def parse_flags(*args) -> Config:
+    """The Config that main would build from these arguments."""
+    try:
+        cli.FLAGS(["dgm_tf.main", *args])
+        return cli.config_from_flags()
+    finally:
+        cli.FLAGS.unparse_flags()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run") / "wd"
+    proc = run_cli(*TINY, f"--workdir={workdir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir, proc
+
+
+def test_run_writes_results_with_documented_keys(tiny_run):
+    workdir, _ = tiny_run
+    results = json.loads((workdir / "results.json").read_text())
+    for key in (
+        "method", "dataset", "tasks", "accuracy_matrix", "average_accuracy",
+        "task_aware_accuracy_matrix", "forgetting", "bwt", "generator_params", "wall_time_s",
+    ):
+        assert key in results, key
+    assert results["method"] == "dgmw"
+    assert results["tasks"] == [[1], [7]]
+    R = results["accuracy_matrix"]
+    assert len(R) == 2 and R[0][1] is None
+    assert all(0.0 <= R[i][j] <= 1.0 for i in range(2) for j in range(i + 1))
+    assert results["average_accuracy"] == pytest.approx([R[0][0], (R[1][0] + R[1][1]) / 2])
+    assert results["bwt"] == pytest.approx(R[1][0] - R[0][0])
+    # One class per task: task-aware accuracy is trivially perfect.
+    assert results["task_aware_accuracy_matrix"] == [[1.0, None], [1.0, 1.0]]
+    p0, p1 = results["generator_params"]
+    assert p1 >= p0 > 0
+    assert len(results["wall_time_s"]) == 2 and all(w > 0 for w in results["wall_time_s"])
+
+
+def test_run_writes_sample_grids_of_every_seen_class(tiny_run):
+    workdir, _ = tiny_run
+    for task, rows in ((1, 1), (2, 2)):
+        png = tf.io.decode_png(tf.io.read_file(str(workdir / "samples" / f"task_{task:02d}.png"))).numpy()
+        # rows of classes x 3 samples of 32x32 with 2-pixel padding
+        assert png.shape == (rows * 34 + 2, 3 * 34 + 2, 1)
+        assert np.std(png) > 10
+
+
+def test_run_prints_epoch_progress_and_summary(tiny_run):
+    _, proc = tiny_run
+    log = proc.stderr + proc.stdout
+    assert "task 2/2 epoch 2/2" in log
+    assert "A_2=" in log and "summary" in log
+
+
+def test_flags_txt_reproduces_the_config(tiny_run, tmp_path):
+    workdir, _ = tiny_run
+    reproduced = parse_flags(f"--flagfile={workdir / 'flags.txt'}", f"--workdir={tmp_path}")
+    expected = parse_flags(*TINY, f"--workdir={tmp_path}")
+    assert reproduced == expected
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--epochs=0"], "--epochs"),
+        (["--batch_size=0"], "--batch_size"),
+        (["--smax=0"], "--smax"),
+        (["--method=nope"], "--method"),
+        (["--class_order=1,1"], "--class_order"),
+        (["--class_order=1,x"], "--class_order"),
+        (["--class_order=1,2,3", "--classes_per_task=2"], "--classes_per_task"),
+        (["--class_order=1,42"], "--class_order"),
+        (["--num_tasks=11"], "--num_tasks"),
+        (["--nz=8"], "--nz"),
+        (["--dataset=idx:/nonexistent/dir"], "/nonexistent/dir"),
+        (["--dataset=bogus"], "bogus"),
+    ],
+)
+def test_bad_input_gets_one_clear_line_and_writes_nothing(tmp_path, args, flag):
+    workdir = tmp_path / "wd"
+    proc = run_cli(*args, f"--workdir={workdir}")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and flag in error_lines[0], proc.stderr[-2000:]
+    assert not workdir.exists()
+
+
+def test_missing_workdir_is_an_error():
+    proc = run_cli("--epochs=1")
+    assert proc.returncode == 2 and "--workdir" in proc.stderr
+
+
+def test_non_empty_workdir_is_refused_and_left_alone(tmp_path):
+    (tmp_path / "results.json").write_text("precious")
+    proc = run_cli(*TINY, f"--workdir={tmp_path}")
+    assert proc.returncode == 2 and "not empty" in proc.stderr
+    assert (tmp_path / "results.json").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_config_is_frozen_and_validated():
+    config = Config()
+    with pytest.raises(Exception):
+        config.epochs = 3  # type: ignore[misc]
+    with pytest.raises(ConfigError, match="--lambda_gp"):
+        Config(lambda_gp=-1.0)
+
+
+def test_shipped_flagfiles_parse(tmp_path):
+    quick = parse_flags(f"--flagfile={REPO / 'configs' / 'quickstart.cfg'}", f"--workdir={tmp_path}")
+    assert quick.method == "dgmw" and quick.dataset == "embedded" and quick.classes_per_task == 1
+    ref = parse_flags(f"--flagfile={REPO / 'configs' / 'mnist_dgmw.cfg'}", f"--workdir={tmp_path}")
+    # The reference's MNIST DGMw row (SAP/machine-learning-dgm cfg/cfg_mnist_dgmw.yml).
+    assert (ref.ngf, ref.ndf, ref.epochs, ref.batch_size, ref.seed) == (6, 32, 101, 64, 0)
+    assert (ref.lr_d, ref.lr_g, ref.smax, ref.lambda_mask, ref.lambda_gp) == (0.002, 0.002, 1e4, 0.08, 1.0)
+    assert ref.nz == 128 and ref.reinit_d and not ref.aux_g and ref.beta1 == 0.5
+    # Later flags override the flagfile, as the README's commands rely on.
+    over = parse_flags(
+        f"--flagfile={REPO / 'configs' / 'mnist_dgmw.cfg'}", "--epochs=5", f"--workdir={tmp_path}"
+    )
+    assert over.epochs == 5
