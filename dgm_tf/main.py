@@ -8,11 +8,13 @@ library (``dgm_tf.engine.run_experiment``) receives.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from absl import app, flags, logging
 
-from dgm_tf.config import Config
+from dgm_tf.config import Config, ConfigError
+from dgm_tf.data import DataError  # numpy only; TensorFlow loads with the engine
 
 _D = Config()  # defaults, shown in --help
 
@@ -52,53 +54,22 @@ FLAGS = flags.FLAGS
 
 def config_from_flags() -> Config:
     """The validated Config the flags describe (raises ConfigError)."""
-    from dgm_tf.config import ConfigError
-
     try:
         order = tuple(int(c) for c in FLAGS.class_order) if FLAGS.class_order else None
     except ValueError:
         raise ConfigError(
             f"--class_order: expected comma-separated integers, got {','.join(FLAGS.class_order)!r}"
         ) from None
-    lr_d = FLAGS.lr if FLAGS.lr is not None else FLAGS.lr_d
-    lr_g = FLAGS.lr if FLAGS.lr is not None else FLAGS.lr_g
-    return Config(
-        method=FLAGS.method,
-        dataset=FLAGS.dataset,
-        class_order=order,
-        classes_per_task=FLAGS.classes_per_task,
-        num_tasks=FLAGS.num_tasks,
-        train_examples_per_class=FLAGS.train_examples_per_class,
-        validation_fraction=FLAGS.validation_fraction,
-        seed=FLAGS.seed,
-        epochs=FLAGS.epochs,
-        batch_size=FLAGS.batch_size,
-        eval_every=FLAGS.eval_every,
-        samples_per_class=FLAGS.samples_per_class,
-        nz=FLAGS.nz,
-        ngf=FLAGS.ngf,
-        ndf=FLAGS.ndf,
-        lr_d=lr_d,
-        lr_g=lr_g,
-        beta1=FLAGS.beta1,
-        beta2=FLAGS.beta2,
-        smax=FLAGS.smax,
-        lambda_mask=FLAGS.lambda_mask,
-        lambda_gp=FLAGS.lambda_gp,
-        aux_g=FLAGS.aux_g,
-        reinit_d=FLAGS.reinit_d,
-        replay=FLAGS.replay,
-        clip_norm=FLAGS.clip_norm,
-        hat_thres_cosh=FLAGS.hat_thres_cosh,
-    )
+    values = {f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(Config)}
+    values["class_order"] = order
+    if FLAGS.lr is not None:
+        values["lr_d"] = values["lr_g"] = FLAGS.lr
+    return Config(**values)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from dgm_tf.config import ConfigError
-    from dgm_tf.data import DataError
-
     try:
         if not FLAGS.workdir:
             raise ConfigError("--workdir: required (a new or empty directory for the run's files)")
