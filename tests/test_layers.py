@@ -175,6 +175,16 @@ def test_generator_growth_keeps_every_earlier_task_output():
     assert g2(z[2], labels[2], task=2, s=1.0).shape == (6, 32, 32, 1)
 
 
+def test_generator_batch_norm_init_follows_the_reference():
+    keras.utils.set_random_seed(4)
+    g = _generator().grown((1, 1, 1), (1,))
+    first = np.concatenate([bn.gammas[0].numpy() for bn in g.batch_norms])
+    later = np.concatenate([bn.gammas[1].numpy() for bn in g.batch_norms])
+    # Task 0: N(1, 0.02) (weights_init); later tasks: PyTorch 1.0's default U(0, 1).
+    assert abs(first.mean() - 1.0) < 0.02 and first.std() < 0.05
+    assert later.min() >= 0.0 and later.max() < 1.0 and later.std() > 0.15
+
+
 def test_grown_generator_round_trips_through_keras_file(tmp_path):
     keras.utils.set_random_seed(2)
     g = _generator().grown((1, 1, 1), (1,))

@@ -362,7 +362,7 @@ class DGMw(ContinualMethod):
         )
         self.trainer.compile(self._adam(cfg.lr_d), self._adam(cfg.lr_g))
         discriminator = self.discriminator
-        self._classify = tf.function(lambda x: discriminator(x, training=False)[1])
+        self._classify = tf.function(lambda x: discriminator(x, training=False)[1], reduce_retracing=True)
 
     def _adam(self, lr: float):
         # PyTorch's Adam epsilon (1e-8), as the reference uses; Keras defaults to 1e-7.

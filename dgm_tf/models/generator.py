@@ -103,8 +103,11 @@ class Generator(keras.Model):
         first = self.num_tasks == 1
         kernel_init = initial_kernel_initializer() if first else growth_kernel_initializer()
         # The reference re-initialises only the first task's BatchNorms with N(1, 0.02)
-        # (weights_init); later tasks' BatchNorms keep PyTorch's default gamma = 1.
-        gamma_init = keras.initializers.RandomNormal(1.0, 0.02) if first else "ones"
+        # (weights_init); later tasks' BatchNorms keep the default of its pinned PyTorch
+        # 1.0, gamma ~ U(0, 1) (ones only from PyTorch 1.2 on).
+        gamma_init = (
+            keras.initializers.RandomNormal(1.0, 0.02) if first else keras.initializers.RandomUniform(0.0, 1.0)
+        )
         per_layer = list(zip(*self.task_widths))
         specs = [(1, "valid"), (2, "same"), (2, "same")]
         self.masked_convs = []
