@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 QUICKSTART_DIR ?= runs/quickstart
 
-.PHONY: quickstart test test-slow venv clean-quickstart
+.PHONY: quickstart test test-slow benchmark venv
 
 $(BIN)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +26,8 @@ test: $(BIN)/.installed
 
 test-slow: $(BIN)/.installed
 	$(BIN)/python -m pytest -m slow
+
+# Speed of one DGM iteration, its phases and its floor (tools/benchmark.py).
+benchmark: $(BIN)/.installed
+	mkdir -p runs
+	$(BIN)/python tools/benchmark.py --flagfile=configs/mnist_dgmw.cfg --output=runs/benchmark.json

@@ -1,0 +1,32 @@
+"""tools/benchmark.py runs and reports what it promises (no speed assertions here)."""
+
+import json
+import subprocess
+import sys
+
+from tests.test_cli import REPO
+
+
+def test_benchmark_tool_reports_iteration_phases_and_floor(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable, "tools/benchmark.py", "--class_order=1,7", "--train_examples_per_class=32",
+            "--batch_size=16", "--nz=16", "--ngf=2", "--ndf=4", "--tasks=0,1", "--xla=false",
+            "--iterations=2", "--repeats=1", "--warmup=1", f"--output={out}",
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["machine"]["cores"] >= 1 and report["machine"]["tensorflow"]
+    rows = report["results"]
+    assert [r["task"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["iteration_ms"] > 0 and r["floor_ms"] > 0
+        assert set(r["phase_ms"]) == {"classifier", "critic", "generator"}
+        assert r["ratio_to_floor"] == r["iteration_ms"] / r["floor_ms"]
+        assert r["peak_rss_mib"] > 100
+    # Task 1 replays task 0; task 0 has nothing to replay.
+    assert rows[0]["replay_images"] == 0 and rows[1]["replay_images"] > 0
+    assert "iter ms" in proc.stdout and "ratio" in proc.stdout

@@ -1,0 +1,269 @@
+r"""Speed benchmark of one DGM training iteration, its phases and its floor.
+
+    python tools/benchmark.py --flagfile=configs/mnist_dgmw.cfg
+    python tools/benchmark.py --flagfile=configs/mnist_dgmw.cfg --tasks=0,9 --xla=false
+
+For each task index in ``--tasks`` it builds the state that task needs — a generator
+grown through that many earlier tasks, replay sets of the right size — without training
+the earlier tasks (their masks reserve ``--reserve_fraction`` of the free weights at
+random), then measures:
+
+- ms per iteration (the method's ``train_step`` under ``tf.function``) and per phase
+  (replay-classifier chunks, critic, generator);
+- the floor: the bare forward/backward passes the iteration must do (same networks,
+  batches and passes; no optimizer, no mask bookkeeping, no shuffling), and the ratio;
+- replay-set generation and evaluation time, trace time, images/s, peak memory.
+
+Every figure is the median of ``--repeats`` repeats of ``--iterations`` calls after
+``--warmup`` calls. The table is printed and written as JSON (``--output``). Speed
+targets live here, never in unit tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from dgm_tf import main as cli  # noqa: E402  (defines the experiment flags)
+
+flags.DEFINE_list("tasks", ["0", "4", "9"], "Task indices to benchmark.")
+flags.DEFINE_list("xla", ["false", "true"], "Compile the step with XLA: any of false,true.")
+flags.DEFINE_integer("iterations", 10, "Calls per timed repeat.")
+flags.DEFINE_integer("repeats", 5, "Timed repeats (the median is reported).")
+flags.DEFINE_integer("warmup", 3, "Untimed calls before timing.")
+flags.DEFINE_float("reserve_fraction", 0.45, "Share of weights each earlier task reserves "
+                   "(the quickstart measured 0.40-0.45).")
+flags.DEFINE_string("output", "benchmark.json", "Where to write the JSON report.")
+
+FLAGS = flags.FLAGS
+
+
+def _median_ms(fn, args, warmup, iterations, repeats) -> float:
+    for _ in range(warmup):
+        fn(*args)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(iterations):
+            out = fn(*args)
+        _block(out)
+        times.append((time.perf_counter() - start) / iterations * 1000.0)
+    return statistics.median(times)
+
+
+def _block(out):
+    import tensorflow as tf
+
+    for t in tf.nest.flatten(out):
+        if hasattr(t, "numpy"):
+            t.numpy()
+
+
+def machine_info() -> dict:
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+        cpu = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), cpu)
+        cpu_flags = next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), [])
+    except OSError:
+        cpu_flags = []
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "avx512": any(f.startswith("avx512f") for f in cpu_flags),
+        "avx512_bf16": "avx512_bf16" in cpu_flags,
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def prepare_task_state(config, scenario, task_index: int, reserve_fraction: float, seed: int):
+    """A DGMw method positioned at the start of ``task_index`` without training."""
+    import numpy as np
+
+    from dgm_tf.methods.dgm import DGMw
+
+    rng = np.random.default_rng(seed)
+    method = DGMw(config, scenario)
+    for task in scenario.tasks[:task_index]:
+        method.begin_task(task)
+        for conv in method.generator.masked_convs:
+            e = conv.task_embeddings[task.index]
+            e.assign(np.where(rng.random(e.shape) < reserve_fraction, 1.0, -1.0).astype(np.float32))
+        method.end_task(task)
+    start = time.perf_counter()
+    method.begin_task(scenario.tasks[task_index])
+    begin_s = time.perf_counter() - start
+    return method, begin_s
+
+
+def floor_function(trainer):
+    """The bare passes of one iteration: no optimizer, masks or shuffles."""
+    import tensorflow as tf
+
+    g, d, t = trainer.generator, trainer.discriminator, trainer.task
+
+    def used(grads):
+        # Return every gradient (summed) so tf.function cannot prune unused passes.
+        return tf.add_n([tf.reduce_sum(g) for g in grads if g is not None])
+
+    def passes(batch):
+        x, y = batch["x"], batch["y"]
+        total = 0.0
+        chunks = [x] + list(batch.get("replay_x", ()))
+        for chunk in chunks:  # classifier: forward + backward per chunk
+            with tf.GradientTape() as tape:
+                _, logits = d(chunk, training=True)
+                loss = tf.reduce_mean(logits)
+            total += used(tape.gradient(loss, d.trainable_variables))
+        z = g.noise(y, trainer.rng)
+        fake = g(z, y, task=t, s=trainer.s, training=True)
+        with tf.GradientTape() as tape:  # critic: real, fake, penalty
+            a, _ = d(x, training=True)
+            b, _ = d(fake, training=True)
+            x_hat = 0.5 * (x + fake)
+            with tf.GradientTape() as inner:
+                inner.watch(x_hat)
+                c, _ = d(x_hat, training=True)
+            gp = tf.reduce_mean(tf.square(inner.gradient(c, x_hat)))
+            loss = tf.reduce_mean(a) - tf.reduce_mean(b) + gp
+        total += used(tape.gradient(loss, d.trainable_variables))
+        with tf.GradientTape() as tape:  # generator: G forward, D forward, backward to G
+            fake = g(z, y, task=t, s=trainer.s, training=True)
+            out, _ = d(fake, training=True)
+            loss = tf.reduce_mean(out)
+        return total + used(tape.gradient(loss, trainer.g_variables))
+
+    return passes
+
+
+def benchmark_task(config, scenario, task_index: int, xla: bool) -> dict:
+    import numpy as np
+    import tensorflow as tf
+
+    from dgm_tf.engine import evaluate
+
+    method, begin_s = prepare_task_state(config, scenario, task_index, FLAGS.reserve_fraction, config.seed)
+    trainer = method.trainer
+    batch = next(iter(method.train_dataset(scenario.tasks[task_index])))
+    trainer.s.assign(10.0)
+    trainer.s_epoch.assign(100.0)
+    timing = dict(warmup=FLAGS.warmup, iterations=FLAGS.iterations, repeats=FLAGS.repeats)
+
+    step = tf.function(trainer.train_step, jit_compile=xla)
+    start = time.perf_counter()
+    _block(step(batch))
+    trace_s = time.perf_counter() - start
+    iteration_ms = _median_ms(step, (batch,), **timing)
+
+    b = tf.shape(batch["x"])[0]
+    replay_x = batch.get("replay_x", ())
+
+    def classifier_phase(batch):
+        x = tf.concat([batch["x"]] + [r[:b] for r in batch.get("replay_x", ())], 0)
+        y = tf.concat([batch["y"]] + [r[:b] for r in batch.get("replay_y", ())], 0)
+        out = []
+        for k in range(len(replay_x) + 1):
+            out.append(trainer.classifier_update(x[k * b : (k + 1) * b], y[k * b : (k + 1) * b]))
+        return out
+
+    phases = {
+        "classifier": tf.function(classifier_phase, jit_compile=xla),
+        "critic": tf.function(lambda batch: trainer.critic_update(batch["x"], batch["y"]), jit_compile=xla),
+        "generator": tf.function(lambda batch: trainer.generator_update(batch["y"]), jit_compile=xla),
+    }
+    phase_ms = {name: _median_ms(fn, (batch,), **timing) for name, fn in phases.items()}
+    floor_ms = _median_ms(tf.function(floor_function(trainer), jit_compile=xla), (batch,), **timing)
+
+    tasks = scenario.tasks[: task_index + 1]
+    start = time.perf_counter()
+    evaluate(method, tasks, "test")
+    eval_s = time.perf_counter() - start
+    batch_size = int(batch["x"].shape[0])
+    return {
+        "task": task_index,
+        "xla": xla,
+        "generator_widths": list(method.generator.widths),
+        "iteration_ms": iteration_ms,
+        "phase_ms": phase_ms,
+        "floor_ms": floor_ms,
+        "ratio_to_floor": iteration_ms / floor_ms,
+        "trace_s": trace_s,
+        "begin_task_s": begin_s,
+        "replay_images": int(sum(len(y) for _, y in method.replay)),
+        "evaluation_s": eval_s,
+        "real_images_per_s": batch_size / iteration_ms * 1000.0,
+        "classifier_images_per_s": batch_size * (len(replay_x) + 1) / iteration_ms * 1000.0,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "test_images": int(sum(len(t.y_test) for t in tasks)),
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (
+        f"{'task':>4} {'xla':>5} {'iter ms':>8} {'clf ms':>7} {'critic':>7} {'gen ms':>7} "
+        f"{'floor':>7} {'ratio':>6} {'trace s':>7} {'replay s':>8} {'eval s':>6} {'img/s':>6} {'RSS MiB':>8}"
+    )
+    lines = [head]
+    for r in rows:
+        p = r["phase_ms"]
+        lines.append(
+            f"{r['task']:>4} {str(r['xla']):>5} {r['iteration_ms']:>8.1f} {p['classifier']:>7.1f} "
+            f"{p['critic']:>7.1f} {p['generator']:>7.1f} {r['floor_ms']:>7.1f} {r['ratio_to_floor']:>6.2f} "
+            f"{r['trace_s']:>7.2f} {r['begin_task_s']:>8.2f} {r['evaluation_s']:>6.2f} "
+            f"{r['real_images_per_s']:>6.0f} {r['peak_rss_mib']:>8.0f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    import keras
+
+    from dgm_tf.engine import build_scenario
+
+    config = cli.config_from_flags()
+    scenario = build_scenario(config)
+    tasks = [int(t) for t in FLAGS.tasks]
+    bad = [t for t in tasks if not 0 <= t < scenario.num_tasks]
+    if bad:
+        raise app.UsageError(f"--tasks: {bad} outside 0..{scenario.num_tasks - 1}")
+    info = machine_info()
+    print("machine:", json.dumps(info))
+    print(
+        f"config: method={config.method} dataset={config.dataset} batch={config.batch_size} "
+        f"ngf={config.ngf} ndf={config.ndf} nz={config.nz} train images/task={len(scenario.tasks[0].x_train)}"
+    )
+    rows = []
+    for xla in [x.strip().lower() in ("1", "true", "yes") for x in FLAGS.xla]:
+        for t in tasks:
+            keras.utils.set_random_seed(config.seed)
+            rows.append(benchmark_task(config, scenario, t, xla))
+            print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    print()
+    print(format_table(rows))
+    report = {"machine": info, "config": config.as_dict(), "results": rows}
+    with open(FLAGS.output, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {FLAGS.output}")
+
+
+if __name__ == "__main__":
+    flags.FLAGS.set_default("workdir", "unused")
+    app.run(main)
