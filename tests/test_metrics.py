@@ -1,7 +1,6 @@
 """Hand-computed tests for dgm_tf.metrics."""
 
 import json
-import math
 
 import numpy as np
 import pytest

@@ -156,7 +156,6 @@ def floor_function(trainer):
 
 
 def benchmark_task(config, scenario, task_index: int, xla: bool) -> dict:
-    import numpy as np
     import tensorflow as tf
 
     from dgm_tf.engine import evaluate

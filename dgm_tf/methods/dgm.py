@@ -15,7 +15,6 @@ them. One training iteration on task t, for one real batch:
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import keras
