@@ -135,10 +135,15 @@ def _matrix(rows: Sequence[Sequence[float]], num_tasks: int) -> list[list[float 
     return [list(r) + [None] * (num_tasks - len(r)) for r in rows]
 
 
+def seen_labels(scenario: Scenario, task: int) -> list[int]:
+    """Model labels of every class in tasks 0..task, in class order."""
+    return [label for t in scenario.tasks[: task + 1] for label in t.labels]
+
+
 def replay_accuracy(method: ContinualMethod, scenario: Scenario, task: int, per_class: int, seed: int):
     """Per seen class, the current classifier's accuracy on generated images of that
     class (None for non-generative methods): how recognisable the generative memory is."""
-    seen = [label for t in scenario.tasks[: task + 1] for label in t.labels]
+    seen = seen_labels(scenario, task)
     labels = np.repeat(np.array(seen, np.int32), per_class)
     images = method.sample(labels, seed=seed)
     if images is None:
@@ -152,7 +157,7 @@ def replay_accuracy(method: ContinualMethod, scenario: Scenario, task: int, per_
 
 def write_sample_grid(method: ContinualMethod, scenario: Scenario, task: int, workdir: pathlib.Path, config: Config):
     """samples/task_XX.png: one row per seen class, ``samples_per_class`` columns."""
-    seen = [label for t in scenario.tasks[: task + 1] for label in t.labels]
+    seen = seen_labels(scenario, task)
     labels = np.repeat(np.array(seen, np.int32), config.samples_per_class)
     images = method.sample(labels, seed=config.seed + 7919 * (task + 1))
     if images is None:

@@ -158,3 +158,10 @@ def test_shipped_flagfiles_parse(tmp_path):
         f"--flagfile={REPO / 'configs' / 'mnist_dgmw.cfg'}", "--epochs=5", f"--workdir={tmp_path}"
     )
     assert over.epochs == 5
+
+
+def test_method_registry_matches_the_names_config_accepts():
+    from dgm_tf.config import METHODS as names
+    from dgm_tf.methods import METHODS as registry
+
+    assert set(names) == set(registry)
