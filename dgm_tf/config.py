@@ -11,7 +11,9 @@ import dataclasses
 from typing import Any
 
 METHODS = ("dgmw",)
-PRECISIONS = ("float32",)
+# Keras dtype policies a run may use. "mixed_bfloat16" computes convolutions in bf16
+# with float32 variables; masks, losses, BN statistics and the optimiser stay float32.
+PRECISIONS = ("float32", "mixed_bfloat16")
 
 
 class ConfigError(ValueError):
@@ -37,6 +39,7 @@ class Config:
     batch_size: int = 64
     eval_every: int = 2  # epochs between validation/test evaluations (reference: 2)
     samples_per_class: int = 10  # generated images per class in samples/ grids
+    precision: str = "float32"  # Keras dtype policy of both networks (see PRECISIONS)
 
     # Networks (reference MNIST DGMw).
     nz: int = 128
@@ -110,6 +113,11 @@ def validate(c: Config) -> None:
     _require(c.epochs >= 1, "epochs", f"must be >= 1, got {c.epochs}")
     _require(c.batch_size >= 1, "batch_size", f"must be >= 1, got {c.batch_size}")
     _require(c.eval_every >= 1, "eval_every", f"must be >= 1, got {c.eval_every}")
+    _require(
+        c.precision in PRECISIONS,
+        "precision",
+        f"unknown precision {c.precision!r}; choose one of {', '.join(PRECISIONS)}",
+    )
     _require(c.samples_per_class >= 1, "samples_per_class", f"must be >= 1, got {c.samples_per_class}")
     _require(c.nz >= 1, "nz", f"must be >= 1, got {c.nz}")
     _require(c.ngf >= 1, "ngf", f"must be >= 1, got {c.ngf}")

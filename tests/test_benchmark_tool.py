@@ -13,6 +13,7 @@ def test_benchmark_tool_reports_iteration_phases_and_floor(tmp_path):
         [
             sys.executable, "tools/benchmark.py", "--class_order=1,7", "--train_examples_per_class=32",
             "--batch_size=16", "--nz=16", "--ngf=2", "--ndf=4", "--tasks=0,1", "--xla=false",
+            "--precisions=float32,mixed_bfloat16",
             "--iterations=2", "--repeats=1", "--warmup=1", f"--output={out}",
         ],
         cwd=REPO, capture_output=True, text=True, timeout=600,
@@ -21,7 +22,9 @@ def test_benchmark_tool_reports_iteration_phases_and_floor(tmp_path):
     report = json.loads(out.read_text())
     assert report["machine"]["cores"] >= 1 and report["machine"]["tensorflow"]
     rows = report["results"]
-    assert [r["task"] for r in rows] == [0, 1]
+    assert [(r["precision"], r["task"]) for r in rows] == [
+        ("float32", 0), ("float32", 1), ("mixed_bfloat16", 0), ("mixed_bfloat16", 1)
+    ]
     for r in rows:
         assert r["iteration_ms"] > 0 and r["floor_ms"] > 0
         assert set(r["phase_ms"]) == {"classifier", "critic", "generator"}
@@ -29,4 +32,14 @@ def test_benchmark_tool_reports_iteration_phases_and_floor(tmp_path):
         assert r["peak_rss_mib"] > 100
     # Task 1 replays task 0; task 0 has nothing to replay.
     assert rows[0]["replay_images"] == 0 and rows[1]["replay_images"] > 0
+    assert rows[3]["replay_images"] == rows[1]["replay_images"]
     assert "iter ms" in proc.stdout and "ratio" in proc.stdout
+
+
+def test_benchmark_rejects_an_unknown_precision(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "tools/benchmark.py", "--precisions=fp8", "--tasks=0", f"--output={tmp_path / 'b.json'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0 and "--precisions" in proc.stderr and "fp8" in proc.stderr
+    assert not (tmp_path / "b.json").exists()

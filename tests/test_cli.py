@@ -110,6 +110,7 @@ def test_flags_txt_reproduces_the_config(tiny_run, tmp_path):
         (["--class_order=1,42"], "--class_order"),
         (["--num_tasks=11"], "--num_tasks"),
         (["--nz=8"], "--nz"),
+        (["--precision=fp8"], "--precision"),
         (["--dataset=idx:/nonexistent/dir"], "/nonexistent/dir"),
         (["--dataset=bogus"], "bogus"),
     ],

@@ -2,6 +2,7 @@ r"""Speed benchmark of one DGM training iteration, its phases and its floor.
 
     python tools/benchmark.py --flagfile=configs/mnist_dgmw.cfg
     python tools/benchmark.py --flagfile=configs/mnist_dgmw.cfg --tasks=0,9 --xla=false
+    python tools/benchmark.py --flagfile=configs/mnist_dgmw.cfg --precisions=float32,mixed_bfloat16
 
 For each task index in ``--tasks`` it builds the state that task needs — a generator
 grown through that many earlier tasks, replay sets of the right size — without training
@@ -39,6 +40,11 @@ flags.DEFINE_list("tasks", ["0", "4", "9"], "Task indices to benchmark.")
 # XLA is off by default: on CPU it made every phase 2.5-3x slower here (README), and
 # with it the default run would take 13 minutes instead of under 5.
 flags.DEFINE_list("xla", ["false"], "Compile the step with XLA: any of false,true (e.g. --xla=false,true).")
+# bf16 pays only where the CPU computes it natively (AVX512_BF16 or AMX); elsewhere
+# oneDNN emulates it and one discriminator pass took 7.6x longer than fp32 (README), so
+# "auto" adds it only on such CPUs and the default run stays under 5 minutes.
+flags.DEFINE_list("precisions", ["auto"], "Dtype policies to measure: any of float32,mixed_bfloat16, "
+                  "or auto (float32, plus mixed_bfloat16 when the CPU has native bf16).")
 flags.DEFINE_integer("iterations", 10, "Calls per timed repeat.")
 flags.DEFINE_integer("repeats", 5, "Timed repeats (the median is reported).")
 flags.DEFINE_integer("warmup", 3, "Untimed calls before timing.")
@@ -70,19 +76,25 @@ def _block(out):
             t.numpy()
 
 
+def _cpuinfo() -> tuple[str, list[str]]:
+    """(model name, feature flags) of the first CPU; empty where /proc is absent."""
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return cpu, []
+    cpu = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), cpu)
+    cpu_flags = next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), [])
+    return cpu, cpu_flags
+
+
 def machine_info() -> dict:
     import keras
     import numpy as np
     import tensorflow as tf
 
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-        cpu = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), cpu)
-        cpu_flags = next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), [])
-    except OSError:
-        cpu_flags = []
+    cpu, cpu_flags = _cpuinfo()
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -93,6 +105,26 @@ def machine_info() -> dict:
         "keras": keras.__version__,
         "numpy": np.__version__,
     }
+
+
+def native_bf16() -> bool:
+    """Whether the CPU advertises bf16 arithmetic (AVX512_BF16 or AMX-BF16)."""
+    cpu_flags = _cpuinfo()[1]
+    return "avx512_bf16" in cpu_flags or "amx_bf16" in cpu_flags
+
+
+def resolve_precisions(requested: list[str]) -> list[str]:
+    from dgm_tf.config import PRECISIONS
+
+    out = []
+    for p in (x.strip() for x in requested):
+        if p == "auto":
+            out += ["float32"] + (["mixed_bfloat16"] if native_bf16() else [])
+        elif p in PRECISIONS:
+            out.append(p)
+        else:
+            raise app.UsageError(f"--precisions: unknown {p!r}; choose from auto, {', '.join(PRECISIONS)}")
+    return list(dict.fromkeys(out))
 
 
 def prepare_task_state(config, scenario, task_index: int, reserve_fraction: float, seed: int):
@@ -199,6 +231,7 @@ def benchmark_task(config, scenario, task_index: int, xla: bool) -> dict:
     batch_size = int(batch["x"].shape[0])
     return {
         "task": task_index,
+        "precision": config.precision,
         "xla": xla,
         "generator_widths": list(method.generator.widths),
         "iteration_ms": iteration_ms,
@@ -218,14 +251,14 @@ def benchmark_task(config, scenario, task_index: int, xla: bool) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     head = (
-        f"{'task':>4} {'xla':>5} {'iter ms':>8} {'clf ms':>7} {'critic':>7} {'gen ms':>7} "
+        f"{'task':>4} {'precision':>14} {'xla':>5} {'iter ms':>8} {'clf ms':>7} {'critic':>7} {'gen ms':>7} "
         f"{'floor':>7} {'ratio':>6} {'trace s':>7} {'replay s':>8} {'eval s':>6} {'img/s':>6} {'RSS MiB':>8}"
     )
     lines = [head]
     for r in rows:
         p = r["phase_ms"]
         lines.append(
-            f"{r['task']:>4} {str(r['xla']):>5} {r['iteration_ms']:>8.1f} {p['classifier']:>7.1f} "
+            f"{r['task']:>4} {r['precision']:>14} {str(r['xla']):>5} {r['iteration_ms']:>8.1f} {p['classifier']:>7.1f} "
             f"{p['critic']:>7.1f} {p['generator']:>7.1f} {r['floor_ms']:>7.1f} {r['ratio_to_floor']:>6.2f} "
             f"{r['trace_s']:>7.2f} {r['begin_task_s']:>8.2f} {r['evaluation_s']:>6.2f} "
             f"{r['real_images_per_s']:>6.0f} {r['peak_rss_mib']:>8.0f}"
@@ -235,6 +268,8 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv):
     del argv
+    import dataclasses
+
     import keras
 
     from dgm_tf.engine import build_scenario
@@ -245,6 +280,7 @@ def main(argv):
     bad = [t for t in tasks if not 0 <= t < scenario.num_tasks]
     if bad:
         raise app.UsageError(f"--tasks: {bad} outside 0..{scenario.num_tasks - 1}")
+    precisions = resolve_precisions(FLAGS.precisions)
     info = machine_info()
     print("machine:", json.dumps(info))
     print(
@@ -252,11 +288,13 @@ def main(argv):
         f"ngf={config.ngf} ndf={config.ndf} nz={config.nz} train images/task={len(scenario.tasks[0].x_train)}"
     )
     rows = []
-    for xla in [x.strip().lower() in ("1", "true", "yes") for x in FLAGS.xla]:
-        for t in tasks:
-            keras.utils.set_random_seed(config.seed)
-            rows.append(benchmark_task(config, scenario, t, xla))
-            print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    for precision in precisions:
+        run_config = dataclasses.replace(config, precision=precision)
+        for xla in [x.strip().lower() in ("1", "true", "yes") for x in FLAGS.xla]:
+            for t in tasks:
+                keras.utils.set_random_seed(config.seed)
+                rows.append(benchmark_task(run_config, scenario, t, xla))
+                print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(format_table(rows))
     report = {"machine": info, "config": config.as_dict(), "results": rows}

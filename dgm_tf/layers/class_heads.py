@@ -33,6 +33,8 @@ class ClassOutputHeads(keras.layers.Layer):
         image_channels: Output channels (1 for grayscale, 3 for RGB).
         kernel_size: Square kernel size (4 in the reference).
         strides: Stride (2 in the reference: 16x16 -> 32x32).
+        dtype: Keras dtype policy; kernels are stored in its variable dtype and the
+            convolutions run in its compute dtype.
 
     Reference:
         SAP/machine-learning-dgm, networks/net_DGMw.py (``netG.last``).
@@ -46,6 +48,7 @@ class ClassOutputHeads(keras.layers.Layer):
         strides: int = 2,
         **kwargs,
     ):
+        kwargs["autocast"] = False  # casts are explicit in call()
         super().__init__(**kwargs)
         self.class_input_channels = tuple(int(c) for c in class_input_channels)
         self.image_channels = int(image_channels)
@@ -73,10 +76,11 @@ class ClassOutputHeads(keras.layers.Layer):
         A label outside ``classes`` gets an all-zero pre-activation.
         """
         classes = tuple(classes)
+        inputs = tf.cast(inputs, self.compute_dtype)
         outputs = [
             keras.ops.conv_transpose(
                 inputs,
-                tf.cast(self.kernels[c], inputs.dtype),
+                tf.cast(self.kernels[c], self.compute_dtype),
                 strides=self.strides,
                 padding="same",
             )

@@ -26,6 +26,8 @@ class TaskBatchNormalization(keras.layers.Layer):
         momentum: Keras-convention momentum of the moving statistics.
         epsilon: Added to the variance.
         gamma_initializer: Initializer of the scale of tasks this layer creates.
+        dtype: Keras dtype policy. Statistics and normalisation are computed in float32
+            whatever the policy; the output has the policy's compute dtype.
 
     Reference:
         Ioffe & Szegedy, ICML 2015; Ostapenko et al., CVPR 2019.
@@ -39,6 +41,7 @@ class TaskBatchNormalization(keras.layers.Layer):
         gamma_initializer="ones",
         **kwargs,
     ):
+        kwargs["autocast"] = False  # statistics in float32, see call()
         super().__init__(**kwargs)
         self.task_filters = tuple(int(f) for f in task_filters)
         self.momentum = float(momentum)
@@ -74,6 +77,7 @@ class TaskBatchNormalization(keras.layers.Layer):
 
     def call(self, inputs, task: int, training=None):
         gamma, beta = self.gammas[task], self.betas[task]
+        inputs = tf.cast(inputs, tf.float32)
         if training:
             mean, variance = tf.nn.moments(inputs, axes=[0, 1, 2])
             count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:3]), variance.dtype)
@@ -85,7 +89,8 @@ class TaskBatchNormalization(keras.layers.Layer):
             )
         else:
             mean, variance = self.moving_means[task], self.moving_variances[task]
-        return tf.nn.batch_normalization(inputs, mean, variance, beta, gamma, self.epsilon)
+        outputs = tf.nn.batch_normalization(inputs, mean, variance, beta, gamma, self.epsilon)
+        return tf.cast(outputs, self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape

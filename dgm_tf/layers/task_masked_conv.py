@@ -39,6 +39,10 @@ class TaskMaskedConv2DTranspose(keras.layers.Layer):
             ``filters``. Defaults to ``(filters,)``: one task using everything.
         kernel_initializer: Initializer of the kernel (for a grown layer, of the new
             weights only; the old ones are copied).
+        dtype: Keras dtype policy. Under ``mixed_bfloat16`` the kernel, embeddings and
+            the gate stay float32 (s reaches 1e4, beyond bf16's 8-bit mantissa); only
+            the masked kernel and the convolution run in bfloat16. Inputs are never
+            auto-cast (``autocast=False``) so that ``s`` arrives in float32.
 
     Example:
         >>> conv = TaskMaskedConv2DTranspose(8, 4, strides=2, padding="same")
@@ -60,6 +64,7 @@ class TaskMaskedConv2DTranspose(keras.layers.Layer):
         kernel_initializer="glorot_uniform",
         **kwargs,
     ):
+        kwargs["autocast"] = False  # dtypes handled explicitly in call()
         super().__init__(**kwargs)
         self.filters = int(filters)
         self.kernel_size = int(kernel_size)
@@ -118,8 +123,8 @@ class TaskMaskedConv2DTranspose(keras.layers.Layer):
             tf.cast(s, kernel.dtype) * self.task_embeddings[task][:, :, :out_w, :in_w]
         )
         return keras.ops.conv_transpose(
-            inputs,
-            tf.cast(kernel * gate, inputs.dtype),
+            tf.cast(inputs, self.compute_dtype),
+            tf.cast(kernel * gate, self.compute_dtype),
             strides=self.strides,
             padding=self.padding,
         )

@@ -332,6 +332,7 @@ class DGMw(ContinualMethod):
                 task_widths=[self.initial_widths],
                 task_classes=[labels],
                 name="generator",
+                dtype=cfg.precision,
             )
         else:
             # Growth and the new task's embedding row, BatchNorm and heads
@@ -341,7 +342,9 @@ class DGMw(ContinualMethod):
         self._seen_labels += list(labels)
         num_seen = len(self._seen_labels)
         if self.discriminator is None or cfg.reinit_d:
-            self.discriminator = Discriminator(cfg.ndf, num_seen, self.image_channels, name="discriminator")
+            self.discriminator = Discriminator(
+                cfg.ndf, num_seen, self.image_channels, name="discriminator", dtype=cfg.precision
+            )
         else:
             self.discriminator = self.discriminator.with_classes(num_seen)
         self.replay = (

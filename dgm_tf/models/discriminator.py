@@ -46,8 +46,11 @@ class Discriminator(keras.Model):
         num_classes: Logits of the auxiliary head.
         image_channels: Input channels.
         image_size: Input height and width (32).
+        dtype: Keras dtype policy for the trunk (``"float32"`` or ``"mixed_bfloat16"``).
+            The two linear heads always compute in float32 (bf16 logits keep only ~3
+            significant digits) and both outputs are float32.
 
-    Call returns ``(critic [N], logits [N, num_classes])``.
+    Call returns ``(critic [N], logits [N, num_classes])``, float32.
     """
 
     def __init__(self, ndf: int, num_classes: int, image_channels: int, image_size: int = 32, **kwargs):
@@ -59,10 +62,16 @@ class Discriminator(keras.Model):
         conv_init = keras.initializers.RandomNormal(0.0, 0.02)
         self.trunk = []
         for i, width in enumerate((self.ndf, 2 * self.ndf, 4 * self.ndf)):
-            self.trunk.append(keras.layers.ZeroPadding2D(2, name=f"pad{i + 1}"))
+            self.trunk.append(keras.layers.ZeroPadding2D(2, name=f"pad{i + 1}", dtype=self.dtype_policy))
             self.trunk.append(
                 keras.layers.Conv2D(
-                    width, 5, strides=2, use_bias=False, kernel_initializer=conv_init, name=f"conv{i + 1}"
+                    width,
+                    5,
+                    strides=2,
+                    use_bias=False,
+                    kernel_initializer=conv_init,
+                    name=f"conv{i + 1}",
+                    dtype=self.dtype_policy,
                 )
             )
             if i > 0:
@@ -73,10 +82,13 @@ class Discriminator(keras.Model):
                         epsilon=1e-5,
                         gamma_initializer=keras.initializers.RandomNormal(1.0, 0.02),
                         name=f"bn{i + 1}",
+                        dtype=self.dtype_policy,
                     )
                 )
-            self.trunk.append(keras.layers.LeakyReLU(negative_slope=0.2, name=f"lrelu{i + 1}"))
-        self.flatten = keras.layers.Flatten(name="flatten")
+            self.trunk.append(
+                keras.layers.LeakyReLU(negative_slope=0.2, name=f"lrelu{i + 1}", dtype=self.dtype_policy)
+            )
+        self.flatten = keras.layers.Flatten(name="flatten", dtype=self.dtype_policy)
         spatial = self.image_size // 8
         features = 4 * self.ndf * spatial * spatial
         self.critic_head = keras.layers.Dense(
@@ -84,12 +96,14 @@ class Discriminator(keras.Model):
             kernel_initializer=torch_default_dense_initializers(),
             bias_initializer=TorchDefaultBias(features),
             name="critic",
+            dtype="float32",
         )
         self.class_head = keras.layers.Dense(
             self.num_classes,
             kernel_initializer=torch_default_dense_initializers(),
             bias_initializer=TorchDefaultBias(features),
             name="classifier",
+            dtype="float32",
         )
         self.build((None, self.image_size, self.image_size, self.image_channels))
 
@@ -124,6 +138,7 @@ class Discriminator(keras.Model):
             "num_classes": self.num_classes,
             "image_channels": self.image_channels,
             "image_size": self.image_size,
+            "dtype": self.dtype_policy.name,
         }
 
     def with_classes(self, num_classes: int) -> "Discriminator":
@@ -131,7 +146,8 @@ class Discriminator(keras.Model):
         if num_classes < self.num_classes:
             raise ValueError("the auxiliary head never shrinks")
         new = Discriminator(
-            self.ndf, num_classes, self.image_channels, self.image_size, name=self.name
+            self.ndf, num_classes, self.image_channels, self.image_size, name=self.name,
+            dtype=self.dtype_policy.name,
         )
         for layer_new, layer_old in zip(new.trunk + [new.critic_head], self.trunk + [self.critic_head]):
             layer_new.set_weights(layer_old.get_weights())

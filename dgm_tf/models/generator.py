@@ -72,6 +72,9 @@ class Generator(keras.Model):
         image_channels: 1 (grayscale) or 3 (RGB).
         task_widths: Per task, the output channels of the three masked layers.
         task_classes: Per task, the model labels of its classes.
+        dtype: Keras dtype policy (``"float32"`` or ``"mixed_bfloat16"``), given to every
+            layer. Variables, masks, noise and BN statistics stay float32; images come
+            out float32 whatever the policy.
 
     Reference:
         Ostapenko et al., CVPR 2019; SAP/machine-learning-dgm, networks/net_DGMw.py.
@@ -86,6 +89,8 @@ class Generator(keras.Model):
         task_classes: Sequence[Sequence[int]],
         **kwargs,
     ):
+        # No input auto-cast: s must reach the masks in float32 (see the layers).
+        kwargs["autocast"] = False
         super().__init__(**kwargs)
         self.nz = int(nz)
         self.num_code_classes = int(num_code_classes)
@@ -122,15 +127,18 @@ class Generator(keras.Model):
                     task_filters=per_layer[l],
                     kernel_initializer=kernel_init,
                     name=f"conv{l + 1}",
+                    dtype=self.dtype_policy,
                 )
             )
             self.batch_norms.append(
-                TaskBatchNormalization(per_layer[l], gamma_initializer=gamma_init, name=f"bn{l + 1}")
+                TaskBatchNormalization(
+                    per_layer[l], gamma_initializer=gamma_init, name=f"bn{l + 1}", dtype=self.dtype_policy
+                )
             )
         class_inputs = [
             self.task_widths[t][-1] for t, cs in enumerate(self.task_classes) for _ in cs
         ]
-        self.heads = ClassOutputHeads(class_inputs, self.image_channels, name="heads")
+        self.heads = ClassOutputHeads(class_inputs, self.image_channels, name="heads", dtype=self.dtype_policy)
         self.build((None, self.nz))
 
     @property
@@ -159,7 +167,7 @@ class Generator(keras.Model):
             x = bn(x, task=task, training=training)
             x = tf.nn.relu(x)
         x = self.heads(x, labels=labels, classes=self.task_classes[task])
-        return tf.tanh(x)
+        return tf.cast(tf.tanh(x), tf.float32)
 
     def masks(self, task: int, s) -> list[tf.Tensor]:
         """Task ``task``'s masks sigmoid(s·e) of the three layers, full current shapes."""
@@ -207,6 +215,7 @@ class Generator(keras.Model):
             "image_channels": self.image_channels,
             "task_widths": [list(w) for w in self.task_widths],
             "task_classes": [list(c) for c in self.task_classes],
+            "dtype": self.dtype_policy.name,
         }
 
     def grown(self, add_channels: Sequence[int], new_task_classes: Sequence[int]) -> "Generator":
@@ -224,6 +233,7 @@ class Generator(keras.Model):
             task_widths=self.task_widths + (new_widths,),
             task_classes=self.task_classes + (tuple(new_task_classes),),
             name=self.name,
+            dtype=self.dtype_policy.name,
         )
         for new, old in zip(grown.masked_convs, self.masked_convs):
             new.load_grown_weights(old)
