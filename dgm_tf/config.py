@@ -8,6 +8,7 @@ except ``epochs`` which is shortened so that a default run finishes in minutes.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 METHODS = ("dgmw",)
@@ -26,8 +27,13 @@ class Config:
 
     # Scenario.
     method: str = "dgmw"
-    dataset: str = "embedded"
-    class_order: tuple[int, ...] | None = None  # None: sorted class ids
+    dataset: str = "embedded"  # embedded, idx:<dir>, npz:<file>, folder:<dir>, tfds:<name>
+    data_dir: str = ""  # tfds: where prepared datasets live ("" = TFDS's default)
+    download: bool = False  # tfds: allowed to download (never by default)
+    channels: int = 0  # 0: as the dataset stores them; 1: to grayscale; 3: to RGB
+    test_fraction: float = 0.2  # share held out as test data by sources without a test split
+    # None: sorted class ids; a tuple: explicit order; "random:<seed>": a seeded shuffle.
+    class_order: tuple[int, ...] | str | None = None
     classes_per_task: int = 1
     num_tasks: int = 0  # 0: as many as the class order allows
     train_examples_per_class: int = 0  # 0: all left after the validation split
@@ -71,7 +77,10 @@ class Config:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.name == "class_order":
-                value = "" if value is None else ",".join(str(c) for c in value)
+                if value is None:
+                    value = ""
+                elif not isinstance(value, str):
+                    value = ",".join(str(c) for c in value)
             elif isinstance(value, bool):
                 value = "true" if value else "false"
             lines.append(f"--{field.name}={value}")
@@ -79,7 +88,7 @@ class Config:
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if d["class_order"] is not None:
+        if isinstance(d["class_order"], tuple):
             d["class_order"] = list(d["class_order"])
         return d
 
@@ -93,7 +102,15 @@ def validate(c: Config) -> None:
     """Raise ConfigError naming the first flag whose value is invalid."""
     _require(c.method in METHODS, "method", f"unknown method {c.method!r}; choose one of {', '.join(METHODS)}")
     _require(bool(c.dataset), "dataset", "must not be empty (e.g. embedded, idx:/path/to/dir)")
-    if c.class_order is not None:
+    _require(c.channels in (0, 1, 3), "channels", f"must be 0 (as stored), 1 or 3, got {c.channels}")
+    _require(0.0 < c.test_fraction < 1.0, "test_fraction", f"must be in (0, 1), got {c.test_fraction}")
+    if isinstance(c.class_order, str):
+        _require(
+            re.fullmatch(r"random:\d+", c.class_order) is not None,
+            "class_order",
+            f"expected comma-separated class ids or random:<seed>, got {c.class_order!r}",
+        )
+    elif c.class_order is not None:
         _require(len(c.class_order) > 0, "class_order", "must list at least one class")
         _require(all(int(x) >= 0 for x in c.class_order), "class_order", "class ids must be >= 0")
         dupes = sorted({x for x in c.class_order if c.class_order.count(x) > 1})

@@ -19,7 +19,7 @@ from absl import logging
 
 from dgm_tf import io_utils, metrics
 from dgm_tf.config import Config, ConfigError
-from dgm_tf.data import Scenario, TaskData, load_dataset, make_scenario
+from dgm_tf.data import Scenario, TaskData, load_dataset, make_scenario, resolve_class_order
 from dgm_tf.methods import make_method
 from dgm_tf.methods.base import ContinualMethod
 
@@ -33,10 +33,30 @@ class WorkdirError(ConfigError):
 
 def build_scenario(config: Config) -> Scenario:
     """Load the dataset and cut it into tasks as the config says."""
-    raw = load_dataset(config.dataset)
+    used = config.num_tasks * config.classes_per_task if config.num_tasks else None
+    resolved = []
+
+    def select(class_ids):
+        # Sources that read selectively (tfds) resolve the order over all the dataset's
+        # class ids and read only the classes the tasks use.
+        order = resolve_class_order(config.class_order, class_ids)
+        order = list(class_ids) if order is None else [int(c) for c in order]
+        order = order[:used] if used else order
+        resolved.append(order)
+        return order
+
+    raw = load_dataset(
+        config.dataset,
+        data_dir=config.data_dir,
+        download=config.download,
+        channels=config.channels,
+        test_fraction=config.test_fraction,
+        seed=config.seed,
+        select=select,
+    )
     scenario = make_scenario(
         raw,
-        class_order=config.class_order,
+        class_order=resolved[-1] if resolved else config.class_order,
         classes_per_task=config.classes_per_task,
         num_tasks=config.num_tasks or None,
         train_examples_per_class=config.train_examples_per_class,

@@ -20,8 +20,15 @@ _D = Config()  # defaults, shown in --help
 
 flags.DEFINE_string("workdir", None, "Directory for everything the run writes (must be new or empty).")
 flags.DEFINE_string("method", _D.method, "Method: dgmw.")
-flags.DEFINE_string("dataset", _D.dataset, "Data source: 'embedded' (packaged Fashion-MNIST sample) or 'idx:<dir>'.")
-flags.DEFINE_list("class_order", [], "Original class ids in task order, comma separated (empty: sorted ids).")
+flags.DEFINE_string("dataset", _D.dataset, "Data source: embedded (packaged Fashion-MNIST sample), idx:<dir>, npz:<file>, "
+                    "folder:<dir> or tfds:<name>.")
+flags.DEFINE_string("data_dir", _D.data_dir, "tfds: directory of prepared datasets (empty: TFDS's default).")
+flags.DEFINE_boolean("download", _D.download, "tfds: allow downloading and preparing the dataset (off: fail fast).")
+flags.DEFINE_integer("channels", _D.channels, "Image channels: 0 as stored, 1 convert to grayscale, 3 convert to RGB.")
+flags.DEFINE_float("test_fraction", _D.test_fraction,
+                   "Per-class share held out as test data by sources without a test split (npz x/y, folder).")
+flags.DEFINE_list("class_order", [], "Original class ids in task order, comma separated, or random:<seed> "
+                  "(empty: sorted ids).")
 flags.DEFINE_integer("classes_per_task", _D.classes_per_task, "Classes per task.")
 flags.DEFINE_integer("num_tasks", _D.num_tasks, "Number of tasks (0: all the class order allows).")
 flags.DEFINE_integer("train_examples_per_class", _D.train_examples_per_class,
@@ -57,12 +64,17 @@ FLAGS = flags.FLAGS
 
 def config_from_flags() -> Config:
     """The validated Config the flags describe (raises ConfigError)."""
-    try:
-        order = tuple(int(c) for c in FLAGS.class_order) if FLAGS.class_order else None
-    except ValueError:
-        raise ConfigError(
-            f"--class_order: expected comma-separated integers, got {','.join(FLAGS.class_order)!r}"
-        ) from None
+    raw_order = [c.strip() for c in FLAGS.class_order]
+    if len(raw_order) == 1 and raw_order[0].startswith("random:"):
+        order = raw_order[0]  # validated by Config
+    else:
+        try:
+            order = tuple(int(c) for c in raw_order) if raw_order else None
+        except ValueError:
+            raise ConfigError(
+                f"--class_order: expected comma-separated integers or random:<seed>, "
+                f"got {','.join(FLAGS.class_order)!r}"
+            ) from None
     values = {f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(Config)}
     values["class_order"] = order
     if FLAGS.lr is not None:

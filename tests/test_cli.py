@@ -166,3 +166,76 @@ def test_method_registry_matches_the_names_config_accepts():
     from dgm_tf.methods import METHODS as registry
 
     assert set(names) == set(registry)
+
+
+def _write_png(path, height, width, channels=1):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(tf.io.encode_png(np.full((height, width, channels), 128, np.uint8)).numpy())
+
+
+def _bad_npz_without_y(root):
+    np.savez(root / "data.npz", x=np.zeros((4, 8, 8), np.uint8))
+    return "npz:" + str(root / "data.npz"), [str(root / "data.npz"), "y"]
+
+
+def _bad_npz_labels(root):
+    np.savez(root / "data.npz", x=np.zeros((4, 8, 8), np.uint8), y=np.array([0, 1, 2, 5]),
+             class_names=np.array(["a", "b", "c"]))
+    return "npz:" + str(root / "data.npz"), [str(root / "data.npz"), "5"]
+
+
+def _bad_folder_sizes(root):
+    for i in range(3):
+        _write_png(root / "imgs" / "cat" / f"{i}.png", 8, 8)
+    _write_png(root / "imgs" / "dog" / "0.png", 8, 8)
+    _write_png(root / "imgs" / "dog" / "1.png", 9, 8)
+    return "folder:" + str(root / "imgs"), [str(root / "imgs" / "dog" / "1.png")]
+
+
+def _bad_folder_empty_class(root):
+    for i in range(3):
+        _write_png(root / "imgs" / "cat" / f"{i}.png", 8, 8)
+    (root / "imgs" / "dog").mkdir()
+    return "folder:" + str(root / "imgs"), [str(root / "imgs" / "dog")]
+
+
+def _bad_idx_magic(root):
+    d = root / "idx"
+    d.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (d / name).write_bytes(b"\x12\x34\x56\x78" + bytes(16))
+    return "idx:" + str(d), [str(d / "train-images-idx3-ubyte"), "magic"]
+
+
+@pytest.mark.parametrize(
+    "make", [_bad_npz_without_y, _bad_npz_labels, _bad_folder_sizes, _bad_folder_empty_class, _bad_idx_magic]
+)
+def test_bad_data_files_get_one_line_naming_the_file(tmp_path, make):
+    spec, needles = make(tmp_path)
+    workdir = tmp_path / "wd"
+    proc = run_cli(f"--dataset={spec}", f"--workdir={workdir}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1, proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in error_lines[0], error_lines[0]
+    assert not workdir.exists()
+
+
+def test_a_tiny_run_on_a_folder_dataset_end_to_end(tmp_path):
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("circle", "square")):
+        for i in range(10):
+            img = np.clip(rng.normal(60 + 120 * c, 20, (12, 12, 3)), 0, 255).astype(np.uint8)
+            (tmp_path / "imgs" / name).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "imgs" / name / f"{i}.png").write_bytes(tf.io.encode_png(img).numpy())
+    workdir = tmp_path / "wd"
+    proc = run_cli(f"--dataset=folder:{tmp_path / 'imgs'}", "--class_order=random:1", "--epochs=1",
+                   "--batch_size=4", "--nz=16", "--ngf=2", "--ndf=4", "--samples_per_class=2",
+                   "--channels=1", f"--workdir={workdir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((workdir / "results.json").read_text())
+    assert sorted(c for task in results["tasks"] for c in task) == [0, 1]
+    assert "--class_order=random:1" in (workdir / "flags.txt").read_text().splitlines()
+    assert "--channels=1" in (workdir / "flags.txt").read_text().splitlines()

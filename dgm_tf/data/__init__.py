@@ -2,13 +2,13 @@
 
 Typical use::
 
-    raw = load_dataset("embedded")            # or "idx:/usr/share/datasets/fashion-mnist"
+    raw = load_dataset("embedded")  # or idx:<dir>, npz:<file>, folder:<dir>, tfds:<name>
     scenario = make_scenario(raw, class_order=None, classes_per_task=2, num_tasks=None)
     for task in scenario.tasks:
         ...  # task.x_train float32 [n, 32, 32, C] in [-1, 1], task.y_train int32 model labels
 """
 
-from dgm_tf.data.scenario import Scenario, TaskData, make_scenario, to_model_images
+from dgm_tf.data.scenario import Scenario, TaskData, make_scenario, resolve_class_order, to_model_images
 from dgm_tf.data.sources import (
     FASHION_MNIST_CLASS_NAMES,
     DataError,
@@ -24,5 +24,6 @@ __all__ = [
     "TaskData",
     "load_dataset",
     "make_scenario",
+    "resolve_class_order",
     "to_model_images",
 ]

@@ -22,11 +22,14 @@ import numpy as np
 
 from dgm_tf.data.sources import DataError, RawDataset
 
-__all__ = ["Scenario", "TaskData", "make_scenario", "to_model_images"]
+__all__ = ["Scenario", "TaskData", "make_scenario", "resolve_class_order", "to_model_images"]
 
-# Stream ids that keep the per-class split and the per-task shuffle independent.
+# Stream ids that keep the per-class split, the per-task shuffle and a random class
+# order independent.
 _CLASS_SPLIT_STREAM = 0
 _TASK_SHUFFLE_STREAM = 1
+_CLASS_ORDER_STREAM = 3
+_RANDOM_PREFIX = "random:"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -164,14 +167,34 @@ def _as_int(value: object, flag: str, what: str = "an integer") -> int:
     raise DataError(f"{flag}: expected {what}, got {value!r}")
 
 
-def _resolve_class_order(raw: RawDataset, class_order: Sequence[int] | None) -> list[int]:
+def resolve_class_order(class_order: Sequence[int] | str | None, class_ids: Sequence[int]) -> list[int] | None:
+    """Turns ``random:<seed>`` into an explicit order over ``class_ids``.
+
+    The order is a permutation of the sorted ids drawn from
+    ``np.random.default_rng((seed, 3))``, so it depends only on the seed and the set of
+    ids. ``None`` and explicit orders pass through (explicit ones as a list).
+    """
+    if isinstance(class_order, str) and class_order.strip().startswith(_RANDOM_PREFIX):
+        text = class_order.strip()[len(_RANDOM_PREFIX) :]
+        seed = _as_int(text, "--class_order", "random:<seed> with an integer seed >= 0")
+        if seed < 0:
+            raise DataError(f"--class_order: the seed of random:<seed> must be >= 0, got {seed}")
+        ids = sorted(int(c) for c in class_ids)
+        rng = np.random.default_rng((seed, _CLASS_ORDER_STREAM))
+        return [ids[i] for i in rng.permutation(len(ids))]
+    if class_order is None:
+        return None
+    return class_order
+
+
+def _resolve_class_order(raw: RawDataset, class_order: Sequence[int] | str | None) -> list[int]:
     """Validates ``class_order`` against the dataset (or derives it)."""
     present = set(np.unique(raw.y_train).tolist())
+    if not present:
+        raise DataError(f"{raw.name}: the training split is empty")
+    class_order = resolve_class_order(class_order, sorted(present))
     if class_order is None:
-        order = sorted(present)
-        if not order:
-            raise DataError(f"{raw.name}: the training split is empty")
-        return order
+        return sorted(present)
     if isinstance(class_order, np.ndarray):
         class_order = class_order.tolist()
     elif isinstance(class_order, str):  # e.g. "3,1,2" or "3 1 2" from a flagfile
@@ -209,7 +232,7 @@ def _round_half_up(x: float) -> int:
 def make_scenario(
     raw: RawDataset,
     *,
-    class_order: Sequence[int] | None,
+    class_order: Sequence[int] | str | None,
     classes_per_task: int,
     num_tasks: int | None,
     train_examples_per_class: int = 0,
@@ -222,8 +245,9 @@ def make_scenario(
     Args:
         raw: The dataset.
         class_order: Original class ids in task order; ``None`` for the sorted
-            ids present in the training split.  Model label ``i`` is
-            ``class_order[i]``.
+            ids present in the training split; ``"random:<seed>"`` for a seeded
+            permutation of those ids (see :func:`resolve_class_order`).  Model
+            label ``i`` is ``class_order[i]``.
         classes_per_task: Classes per task, >= 1.  Without ``num_tasks`` it must
             divide the number of classes.
         num_tasks: Number of tasks, or ``None`` for

@@ -4,7 +4,8 @@ Every source returns a :class:`RawDataset`: uint8 images ``[N, H, W, C]`` and
 int64 labels holding the dataset's *original* class ids.  Turning that into a
 class-incremental benchmark is the job of :mod:`dgm_tf.data.scenario`.
 
-Supported dataset specs (see :func:`load_dataset`):
+Supported dataset specs (see :func:`load_dataset`; ``npz:``/``folder:`` live in
+:mod:`dgm_tf.data.files`, ``tfds:`` in :mod:`dgm_tf.data.tfds_source`):
 
 * ``embedded`` (or ``embedded:fashion_mnist``): a class-balanced subset of
   Fashion-MNIST shipped inside the package (600 train and 200 test images per
@@ -28,7 +29,7 @@ import os
 import pathlib
 import types
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -424,16 +425,37 @@ _SUPPORTED_SPECS: Sequence[str] = (
     "'embedded' (the Fashion-MNIST sample packaged with dgm_tf)",
     "'idx:<dir>' (MNIST-format IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, "
     "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte in <dir>, each plain or .gz)",
+    "'npz:<file>' (arrays x, y, or x_train, y_train, x_test, y_test; optional class_names)",
+    "'folder:<dir>' (one sub-folder of images per class, or train/ and test/ with one each)",
+    "'tfds:<name>' (a TensorFlow Datasets builder, e.g. tfds:mnist, tfds:svhn_cropped, "
+    "tfds:cifar10, tfds:imagenet_resized/32x32; see --data_dir and --download)",
 )
 
 
-def load_dataset(spec: str) -> RawDataset:
+def load_dataset(
+    spec: str,
+    *,
+    data_dir: str = "",
+    download: bool = False,
+    channels: int = 0,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    select: Callable[[Sequence[int]], Sequence[int]] | None = None,
+) -> RawDataset:
     """Loads a dataset from a spec string.
 
     Args:
-        spec: ``"embedded"`` (also ``"embedded:fashion_mnist"``) for the
-            packaged Fashion-MNIST sample, or ``"idx:<dir>"`` for the MNIST-format
-            IDX files in ``<dir>`` (see :func:`load_idx_dir`).
+        spec: ``"embedded"`` (also ``"embedded:fashion_mnist"``), ``"idx:<dir>"``,
+            ``"npz:<file>"``, ``"folder:<dir>"`` or ``"tfds:<name>"``.
+        data_dir: tfds only: where prepared datasets live ("" = TFDS's default).
+        download: tfds only: allow downloading (otherwise fail fast when absent).
+        channels: 0 keeps the stored channels, 1 converts to grayscale, 3 to RGB.
+        test_fraction: Per-class test share for sources without a test split
+            (``npz`` with ``x, y``; ``folder`` without ``train/`` and ``test/``).
+        seed: Seed of that test split.
+        select: Given the dataset's class ids, the ones that will be used. Sources
+            that can skip data while reading (tfds) read only those; the others
+            load everything (the scenario picks the classes).
 
     Returns:
         The dataset with uint8 ``[N, H, W, C]`` images and int64 labels.
@@ -444,14 +466,45 @@ def load_dataset(spec: str) -> RawDataset:
     """
     if not isinstance(spec, str):
         raise DataError(f"dataset spec must be a string, got {type(spec).__name__}")
+    if channels not in (0, 1, 3):
+        raise DataError(f"--channels must be 0 (as stored), 1 or 3, got {channels}")
     text = spec.strip()
+    kind, _, arg = text.partition(":")
+    arg = arg.strip()
     if text in ("embedded", EMBEDDED_NAME):
-        return load_embedded()
-    if text.startswith("idx:"):
-        directory = text[len("idx:") :].strip()
-        if not directory:
-            raise DataError(f"dataset spec {spec!r}: 'idx:' must be followed by a directory")
-        return load_idx_dir(directory)
-    raise DataError(
-        f"unsupported dataset spec {spec!r}; supported forms: " + "; ".join(_SUPPORTED_SPECS)
+        raw = load_embedded()
+    elif kind in ("idx", "npz", "folder", "tfds") and not arg:
+        what = {"tfds": "a builder name", "npz": "a file"}.get(kind, "a directory")
+        raise DataError(f"dataset spec {spec!r}: '{kind}:' must be followed by {what}")
+    elif kind == "idx":
+        raw = load_idx_dir(arg)
+    elif kind == "npz":
+        from dgm_tf.data.files import load_npz
+
+        raw = load_npz(os.path.expanduser(arg), test_fraction=test_fraction, seed=seed)
+    elif kind == "folder":
+        from dgm_tf.data.files import load_folder
+
+        return load_folder(os.path.expanduser(arg), channels=channels, test_fraction=test_fraction, seed=seed)
+    elif kind == "tfds":
+        from dgm_tf.data.tfds_source import load_tfds
+
+        raw = load_tfds(arg, data_dir=os.path.expanduser(data_dir), download=download, select=select)
+    else:
+        raise DataError(
+            f"unsupported dataset spec {spec!r}; supported forms: " + "; ".join(_SUPPORTED_SPECS)
+        )
+    return with_channels(raw, channels)
+
+
+def with_channels(raw: RawDataset, channels: int) -> RawDataset:
+    """``raw`` with its images converted to ``channels`` (0: unchanged)."""
+    from dgm_tf.data.files import convert_channels
+
+    if channels == 0 or raw.image_shape[-1] == channels:
+        return raw
+    return dataclasses.replace(
+        raw,
+        x_train=convert_channels(raw.x_train, channels),
+        x_test=convert_channels(raw.x_test, channels),
     )
