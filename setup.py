@@ -21,6 +21,8 @@ setup(
         # for Python < 3.9.
         "importlib_resources",
         "tensorboard>=2.21,<2.22",
+        # PredictionLog/PredictRequest protos: export warm-up records, tools/serving_request.py.
+        "tensorflow-serving-api>=2.21,<2.22",
         "absl-py>=2.1",
         "numpy>=1.26",
     ],

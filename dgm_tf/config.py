@@ -45,6 +45,7 @@ class Config:
     batch_size: int = 64
     eval_every: int = 2  # epochs between validation/test evaluations (reference: 2)
     samples_per_class: int = 10  # generated images per class in samples/ grids
+    export: bool = True  # write export/classifier/<t+1> (and generator/) SavedModels per task
     precision: str = "float32"  # Keras dtype policy of both networks (see PRECISIONS)
 
     # Networks (reference MNIST DGMw).

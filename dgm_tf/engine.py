@@ -17,7 +17,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from dgm_tf import io_utils, metrics
+from dgm_tf import export, io_utils, metrics
 from dgm_tf.config import Config, ConfigError
 from dgm_tf.data import Scenario, TaskData, load_dataset, make_scenario, resolve_class_order
 from dgm_tf.methods import make_method
@@ -220,6 +220,9 @@ def run_experiment(config: Config, workdir: str | os.PathLike) -> dict:
         class_il, task_aware = evaluate(method, scenario.tasks[: t + 1], "test")
         method.end_task(task)
         write_sample_grid(method, scenario, t, path, config)
+        if config.export:
+            exported = export.export_task(method, scenario, t + 1, path / "export")
+            logging.info("exported %s", ", ".join(f"{k} -> {v}" for k, v in sorted(exported.items())))
         replay_rows.append(
             replay_accuracy(method, scenario, t, REPLAY_EVAL_PER_CLASS, seed=config.seed + 104729 * (t + 1))
         )

@@ -22,6 +22,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "fsync_dir",
     "image_grid",
     "save_png",
 ]
@@ -29,7 +30,7 @@ __all__ = [
 _DEFAULT_FILE_MODE = 0o644
 
 
-def _fsync_dir(directory: str) -> None:
+def fsync_dir(directory: str | os.PathLike) -> None:
     """Best effort: persist the directory entry created by ``os.replace``."""
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -78,7 +79,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:

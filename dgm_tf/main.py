@@ -42,6 +42,8 @@ flags.DEFINE_integer("samples_per_class", _D.samples_per_class, "Generated image
 flags.DEFINE_string("precision", _D.precision,
                   "Keras dtype policy: float32, or mixed_bfloat16 (bf16 convolutions, float32 variables; "
                   "fast only on CPUs with AVX512_BF16/AMX or on accelerators).")
+flags.DEFINE_boolean("export", _D.export, "Export the classifier and generator as SavedModels after every task "
+                     "(export/<model>/<task>, TF Serving layout).")
 flags.DEFINE_integer("nz", _D.nz, "Noise size of the generator (its first entries carry the class code).")
 flags.DEFINE_integer("ngf", _D.ngf, "Generator width: the masked layers start at 4·ngf, 2·ngf, ngf channels.")
 flags.DEFINE_integer("ndf", _D.ndf, "Discriminator width: ndf, 2·ndf, 4·ndf channels.")

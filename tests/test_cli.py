@@ -74,6 +74,22 @@ def test_run_writes_results_with_documented_keys(tiny_run):
     assert len(results["wall_time_s"]) == 2 and all(w > 0 for w in results["wall_time_s"])
 
 
+def test_run_exports_every_task_in_tf_serving_layout(tiny_run):
+    workdir, _ = tiny_run
+    for model in ("classifier", "generator"):
+        assert sorted(p.name for p in (workdir / "export" / model).iterdir()) == ["1", "2"]
+        classes = json.loads((workdir / "export" / model / "2" / "classes.json").read_text())["classes"]
+        assert [c["class_id"] for c in classes] == [1, 7]
+    assert 'name: "classifier"' in (workdir / "export" / "models.config").read_text()
+
+
+def test_noexport_writes_no_export_folder(tmp_path):
+    workdir = tmp_path / "wd"
+    proc = run_cli(*TINY, "--epochs=1", "--class_order=1", "--noexport", f"--workdir={workdir}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (workdir / "results.json").exists() and not (workdir / "export").exists()
+
+
 def test_run_writes_sample_grids_of_every_seen_class(tiny_run):
     workdir, _ = tiny_run
     for task, rows in ((1, 1), (2, 2)):

@@ -25,3 +25,10 @@ def test_quickstart_remembers_every_class(tmp_path):
     assert all(np.all(np.diff(np.array(widths), axis=0) >= 0))
     grid = tf.io.decode_png(tf.io.read_file(str(workdir / "samples" / "task_10.png"))).numpy()
     assert grid.shape[0] == 10 * 34 + 2  # one row per class
+    # The README's serving promise: ten servable versions of both models.
+    for model in ("classifier", "generator"):
+        versions = sorted(int(p.name) for p in (workdir / "export" / model).iterdir())
+        assert versions == list(range(1, 11))
+    served = tf.saved_model.load(str(workdir / "export" / "classifier" / "10")).signatures["serving_default"]
+    out = served(images=tf.zeros([2, 28, 28, 1], tf.uint8))
+    assert out["probabilities"].shape == (2, 10)

@@ -79,6 +79,8 @@ class Scenario:
         classes_per_task: Classes per task.
         tasks: The tasks in training order.
         image_shape: ``(size, size, C)`` of the model images.
+        source_image_shape: ``(H, W, C)`` of the dataset's images before resizing
+            (what a deployed classifier receives).
     """
 
     dataset: str
@@ -87,6 +89,7 @@ class Scenario:
     classes_per_task: int
     tasks: tuple[TaskData, ...]
     image_shape: tuple[int, int, int]
+    source_image_shape: tuple[int, int, int]
 
     @property
     def num_classes(self) -> int:
@@ -371,4 +374,5 @@ def make_scenario(
         classes_per_task=cpt,
         tasks=tuple(tasks),
         image_shape=(size, size, int(raw.x_train.shape[-1])),
+        source_image_shape=raw.image_shape,
     )

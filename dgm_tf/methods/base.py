@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Sequence
+from typing import Callable, Sequence
 
 import keras
 import numpy as np
@@ -41,6 +41,16 @@ class ContinualMethod(abc.ABC):
     @abc.abstractmethod
     def classifier_logits(self, images: np.ndarray) -> np.ndarray:
         """Logits over every class seen so far (inference mode), images in [-1, 1]."""
+
+    @abc.abstractmethod
+    def classifier_for_export(self) -> tuple[object, Callable]:
+        """``(network, logits_fn)`` for the SavedModel export: ``network`` holds every
+        variable the classifier uses (it is saved), ``logits_fn`` maps float32 images
+        [N, 32, 32, C] in [-1, 1] to logits over every class seen so far (inference)."""
+
+    def generator_for_export(self) -> tuple[object, float] | None:
+        """``(generator, s)`` for the generative-memory export, or None."""
+        return None
 
     def sample(self, labels: np.ndarray, seed: int) -> np.ndarray | None:
         """Generated images of ``labels`` in [-1, 1], or None for non-generative methods."""

@@ -458,6 +458,13 @@ class DGMw(ContinualMethod):
     def classifier_logits(self, images: np.ndarray) -> np.ndarray:
         return self._classify(tf.convert_to_tensor(images, tf.float32)).numpy()
 
+    def classifier_for_export(self):
+        discriminator = self.discriminator
+        return discriminator, lambda images: discriminator(images, training=False)[1]
+
+    def generator_for_export(self):
+        return self.generator, self.config.smax
+
     def sample(self, labels: np.ndarray, seed: int) -> np.ndarray:
         labels = np.asarray(labels, np.int32)
         out = np.zeros((len(labels),) + self.scenario.image_shape, np.float32)
