@@ -45,6 +45,7 @@ class Config:
     batch_size: int = 64
     eval_every: int = 2  # epochs between validation/test evaluations (reference: 2)
     samples_per_class: int = 10  # generated images per class in samples/ grids
+    log_every_steps: int = 50  # TensorBoard: iterations between per-step summaries
     export: bool = True  # write export/classifier/<t+1> (and generator/) SavedModels per task
     precision: str = "float32"  # Keras dtype policy of both networks (see PRECISIONS)
 
@@ -136,6 +137,7 @@ def validate(c: Config) -> None:
         "precision",
         f"unknown precision {c.precision!r}; choose one of {', '.join(PRECISIONS)}",
     )
+    _require(c.log_every_steps >= 1, "log_every_steps", f"must be >= 1, got {c.log_every_steps}")
     _require(c.samples_per_class >= 1, "samples_per_class", f"must be >= 1, got {c.samples_per_class}")
     _require(c.nz >= 1, "nz", f"must be >= 1, got {c.nz}")
     _require(c.ngf >= 1, "ngf", f"must be >= 1, got {c.ngf}")

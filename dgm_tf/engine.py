@@ -17,7 +17,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from dgm_tf import export, io_utils, metrics
+from dgm_tf import export, io_utils, metrics, monitoring
 from dgm_tf.config import Config, ConfigError
 from dgm_tf.data import Scenario, TaskData, load_dataset, make_scenario, resolve_class_order
 from dgm_tf.methods import make_method
@@ -176,15 +176,14 @@ def replay_accuracy(method: ContinualMethod, scenario: Scenario, task: int, per_
 
 
 def write_sample_grid(method: ContinualMethod, scenario: Scenario, task: int, workdir: pathlib.Path, config: Config):
-    """samples/task_XX.png: one row per seen class, ``samples_per_class`` columns."""
-    seen = seen_labels(scenario, task)
-    labels = np.repeat(np.array(seen, np.int32), config.samples_per_class)
-    images = method.sample(labels, seed=config.seed + 7919 * (task + 1))
-    if images is None:
-        return None
-    path = workdir / "samples" / f"task_{task + 1:02d}.png"
-    io_utils.save_png(path, io_utils.image_grid(images, ncols=config.samples_per_class))
-    return path
+    """samples/task_XX.png: one row per seen class, ``samples_per_class`` columns.
+    Returns the grid (uint8) or None for methods without a generator."""
+    grid = monitoring.sample_grid(
+        method, scenario, task, config.samples_per_class, seed=config.seed + 7919 * (task + 1)
+    )
+    if grid is not None:
+        io_utils.save_png(workdir / "samples" / f"task_{task + 1:02d}.png", grid)
+    return grid
 
 
 def run_experiment(config: Config, workdir: str | os.PathLike) -> dict:
@@ -208,6 +207,8 @@ def run_experiment(config: Config, workdir: str | os.PathLike) -> dict:
         list(scenario.class_order), len(scenario.tasks[0].x_train),
     )
     method = make_method(config, scenario)
+    monitor = monitoring.Monitor(path / "tb", config, scenario)
+    monitor.start()
     T = scenario.num_tasks
     acc_rows, aware_rows, best_rows, replay_rows, summaries, wall = [], [], [], [], [], []
     results: dict = {}
@@ -216,10 +217,10 @@ def run_experiment(config: Config, workdir: str | os.PathLike) -> dict:
         start = time.perf_counter()
         method.begin_task(task)
         selection = ValidationSelection(method, scenario.tasks[: t + 1], config.eval_every, config.epochs)
-        method.train_task(task, [selection, ProgressLogger(t, T, config.epochs)])
+        method.train_task(task, [selection, ProgressLogger(t, T, config.epochs), monitor.callback(method, task)])
         class_il, task_aware = evaluate(method, scenario.tasks[: t + 1], "test")
         method.end_task(task)
-        write_sample_grid(method, scenario, t, path, config)
+        grid = write_sample_grid(method, scenario, t, path, config)
         if config.export:
             exported = export.export_task(method, scenario, t + 1, path / "export")
             logging.info("exported %s", ", ".join(f"{k} -> {v}" for k, v in sorted(exported.items())))
@@ -233,11 +234,13 @@ def run_experiment(config: Config, workdir: str | os.PathLike) -> dict:
         summaries.append(method.task_summary())
         results = _results(config, scenario, acc_rows, aware_rows, best_rows, replay_rows, summaries, wall)
         io_utils.atomic_write_json(path / "results.json", results)
+        monitor.task_end(method, t, results, grid, replay_rows[-1])
         logging.info(
             "task %d/%d done in %.0fs: A_%d=%.4f  accuracies %s",
             t + 1, T, wall[-1], t + 1, results["average_accuracy"][-1],
             " ".join(f"{a:.3f}" for a in class_il),
         )
+    monitor.close()
     logging.info("summary:\n%s", format_summary(results))
     return results
 

@@ -42,6 +42,7 @@ flags.DEFINE_integer("samples_per_class", _D.samples_per_class, "Generated image
 flags.DEFINE_string("precision", _D.precision,
                   "Keras dtype policy: float32, or mixed_bfloat16 (bf16 convolutions, float32 variables; "
                   "fast only on CPUs with AVX512_BF16/AMX or on accelerators).")
+flags.DEFINE_integer("log_every_steps", _D.log_every_steps, "Iterations between per-step TensorBoard summaries.")
 flags.DEFINE_boolean("export", _D.export, "Export the classifier and generator as SavedModels after every task "
                      "(export/<model>/<task>, TF Serving layout).")
 flags.DEFINE_integer("nz", _D.nz, "Noise size of the generator (its first entries carry the class code).")

@@ -22,7 +22,7 @@ def test_quickstart_remembers_every_class(tmp_path):
     # old classes well above chance on average.
     assert np.mean(results["replay_accuracy"][-1]) > 0.5
     widths = [s["generator_widths"] for s in results["method_state"]]
-    assert all(np.all(np.diff(np.array(widths), axis=0) >= 0))
+    assert np.all(np.diff(np.array(widths), axis=0) >= 0)
     grid = tf.io.decode_png(tf.io.read_file(str(workdir / "samples" / "task_10.png"))).numpy()
     assert grid.shape[0] == 10 * 34 + 2  # one row per class
     # The README's serving promise: ten servable versions of both models.

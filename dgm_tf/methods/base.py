@@ -56,6 +56,20 @@ class ContinualMethod(abc.ABC):
         """Generated images of ``labels`` in [-1, 1], or None for non-generative methods."""
         return None
 
+    def mask_values(self) -> dict[str, np.ndarray]:
+        """Monitoring: the current task's mask values per masked layer, at the current
+        mask scale (empty for methods without masks)."""
+        return {}
+
+    def capacity(self) -> dict[str, dict[str, float]]:
+        """Monitoring, after ``end_task``: per masked layer, the fractions of its weights
+        ``reserved`` (by all tasks so far), ``free`` and ``task_used`` (by the last task)."""
+        return {}
+
+    def replay_examples(self, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Monitoring: up to ``n`` images (and labels) the classifier is replaying now."""
+        return None
+
     def task_summary(self) -> dict:
         """Per-task numbers for results.json (e.g. ``generator_params``)."""
         return {}

@@ -157,7 +157,8 @@ class DGMTaskTrainer(keras.Model):
             name: keras.metrics.Mean(name=name)
             for name in (
                 "d_loss", "gradient_penalty", "wasserstein", "g_loss", "mask_reg",
-                "c_loss", "c_acc", "s",
+                "c_loss", "c_acc", "c_loss_real", "c_acc_real", "c_loss_replay", "c_acc_replay", "s",
+                "lambda_mask",
             )
         }
         self.built = True
@@ -176,21 +177,30 @@ class DGMTaskTrainer(keras.Model):
 
     # -- the three updates --------------------------------------------------------------
 
-    def classifier_update(self, images, labels):
-        """One cross-entropy step of the auxiliary head on one chunk."""
+    def classifier_update(self, images, labels, is_replay=None):
+        """One cross-entropy step of the auxiliary head on one chunk.
+
+        ``is_replay`` (1.0 for generated samples) only splits the reported loss and
+        accuracy into real and replayed data; the update is the same.
+        """
         variables = self.discriminator.trainable_variables
         with tf.GradientTape() as tape:
             _, logits = self.discriminator(images, training=True)
-            loss = tf.reduce_mean(
-                keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-            )
+            per_sample = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+            loss = tf.reduce_mean(per_sample)
         grads = tape.gradient(loss, variables)
         # The reference (PyTorch 1.0) steps Adam on every discriminator parameter after
         # zero_grad(), so heads a loss does not reach still move with their momentum.
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
         self.d_optimizer.apply_gradients(zip(grads, variables))
-        acc = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels), tf.float32))
-        return loss, acc
+        hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels), tf.float32)
+        if is_replay is not None:
+            real = 1.0 - is_replay
+            self.trackers["c_loss_real"].update_state(per_sample, sample_weight=real)
+            self.trackers["c_acc_real"].update_state(hits, sample_weight=real)
+            self.trackers["c_loss_replay"].update_state(per_sample, sample_weight=is_replay)
+            self.trackers["c_acc_replay"].update_state(hits, sample_weight=is_replay)
+        return loss, tf.reduce_mean(hits)
 
     def gradient_penalty(self, real, fake):
         """lambda_gp * mean((||grad_x D(x_hat)|| - 1)^2), x_hat = a*real + (1-a)*fake,
@@ -255,22 +265,33 @@ class DGMTaskTrainer(keras.Model):
         if replay_x:
             all_x = tf.concat([x] + [r[:b] for r in replay_x], axis=0)
             all_y = tf.concat([y] + [r[:b] for r in replay_y], axis=0)
+            all_r = tf.concat(
+                [tf.zeros([b])] + [tf.ones([tf.shape(r[:b])[0]]) for r in replay_x], axis=0
+            )
             order = tf.argsort(self.rng.uniform([tf.shape(all_x)[0]]))
-            all_x, all_y = tf.gather(all_x, order), tf.gather(all_y, order)
+            all_x, all_y, all_r = tf.gather(all_x, order), tf.gather(all_y, order), tf.gather(all_r, order)
         else:
-            all_x, all_y = x, y
+            all_x, all_y, all_r = x, y, tf.zeros([b])
         for k in range(len(replay_x) + 1):
-            c_loss, c_acc = self.classifier_update(all_x[k * b : (k + 1) * b], all_y[k * b : (k + 1) * b])
+            c_loss, c_acc = self.classifier_update(
+                all_x[k * b : (k + 1) * b], all_y[k * b : (k + 1) * b], all_r[k * b : (k + 1) * b]
+            )
             self.trackers["c_loss"].update_state(c_loss)
             self.trackers["c_acc"].update_state(c_acc)
         d_loss, gp, wasserstein = self.critic_update(x, y)
         g_loss, reg = self.generator_update(y)
-        for name, value in (
-            ("d_loss", d_loss), ("gradient_penalty", gp), ("wasserstein", wasserstein),
-            ("g_loss", g_loss), ("mask_reg", reg), ("s", self.s),
-        ):
-            self.trackers[name].update_state(value)
-        return {name: t.result() for name, t in self.trackers.items()}
+        step = {
+            "d_loss": d_loss, "gradient_penalty": gp, "wasserstein": wasserstein,
+            "g_loss": g_loss, "mask_reg": reg, "s": self.s, "c_loss": c_loss, "c_acc": c_acc,
+            "lambda_mask": tf.constant(self.lambda_mask),  # after its generator-size scaling
+        }
+        for name in ("d_loss", "gradient_penalty", "wasserstein", "g_loss", "mask_reg", "s", "lambda_mask"):
+            self.trackers[name].update_state(step[name])
+        logs = {name: t.result() for name, t in self.trackers.items()}
+        # This iteration's own values (the trackers hold the epoch's running means);
+        # c_loss/c_acc here are those of the last classifier chunk.
+        logs.update({f"{name}_step": tf.identity(value) for name, value in step.items()})
+        return logs
 
 
 class MaskScaleSchedule(keras.callbacks.Callback):
@@ -457,6 +478,28 @@ class DGMw(ContinualMethod):
 
     def classifier_logits(self, images: np.ndarray) -> np.ndarray:
         return self._classify(tf.convert_to_tensor(images, tf.float32)).numpy()
+
+    def mask_values(self):
+        s = float(self.trainer.s.numpy()) if self.trainer is not None else self.config.smax
+        task = self.generator.num_tasks - 1
+        return {conv.name: m.numpy() for conv, m in zip(self.generator.masked_convs, self.generator.masks(task, s))}
+
+    def capacity(self):
+        if not self.history:
+            return {}
+        last = self.history[-1]
+        return {
+            conv.name: {"reserved": r, "free": 1.0 - r, "task_used": u}
+            for conv, r, u in zip(self.generator.masked_convs, last["reserved_fraction"], last["task_mask_fraction"])
+        }
+
+    def replay_examples(self, n):
+        if not self.replay:
+            return None
+        per_task = max(1, n // len(self.replay))
+        images = np.concatenate([x[:per_task] for x, _ in self.replay])
+        labels = np.concatenate([y[:per_task] for _, y in self.replay])
+        return images, labels
 
     def classifier_for_export(self):
         discriminator = self.discriminator
