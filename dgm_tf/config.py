@@ -45,6 +45,10 @@ class Config:
     batch_size: int = 64
     eval_every: int = 2  # epochs between validation/test evaluations (reference: 2)
     samples_per_class: int = 10  # generated images per class in samples/ grids
+    # tf.config.experimental.enable_op_determinism() for the run: needed for bit-exact
+    # resume on GPUs; CPU kernels here are deterministic already (tests/test_resume.py).
+    deterministic: bool = False
+    keep_checkpoints: int = 3  # newest checkpoints kept in <workdir>/ckpt (one per epoch and task)
     log_every_steps: int = 50  # TensorBoard: iterations between per-step summaries
     export: bool = True  # write export/classifier/<t+1> (and generator/) SavedModels per task
     precision: str = "float32"  # Keras dtype policy of both networks (see PRECISIONS)
@@ -87,6 +91,39 @@ class Config:
                 value = "true" if value else "false"
             lines.append(f"--{field.name}={value}")
         return lines
+
+    @classmethod
+    def from_flags_text(cls, text: str) -> "Config":
+        """Inverse of ``to_flags`` (the lines of a run's flags.txt; comments ignored)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for line in text.splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            name, sep, raw = line.partition("=")
+            name = name.lstrip("-")
+            if not sep or name not in defaults:
+                raise ConfigError(f"unexpected line {line!r}")
+            default = defaults[name]
+            if name == "class_order":
+                if not raw:
+                    value = None
+                elif raw.startswith("random:"):
+                    value = raw
+                else:
+                    value = tuple(int(c) for c in raw.split(","))
+            elif isinstance(default, bool):
+                if raw not in ("true", "false"):
+                    raise ConfigError(f"--{name}: expected true or false, got {raw!r}")
+                value = raw == "true"
+            else:
+                try:
+                    value = type(default)(raw)
+                except ValueError:
+                    raise ConfigError(f"--{name}: cannot read {raw!r} as {type(default).__name__}") from None
+            values[name] = value
+        return cls(**values)
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -137,6 +174,7 @@ def validate(c: Config) -> None:
         "precision",
         f"unknown precision {c.precision!r}; choose one of {', '.join(PRECISIONS)}",
     )
+    _require(c.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {c.keep_checkpoints}")
     _require(c.log_every_steps >= 1, "log_every_steps", f"must be >= 1, got {c.log_every_steps}")
     _require(c.samples_per_class >= 1, "samples_per_class", f"must be >= 1, got {c.samples_per_class}")
     _require(c.nz >= 1, "nz", f"must be >= 1, got {c.nz}")

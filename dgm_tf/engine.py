@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 
 from dgm_tf import export, io_utils, metrics, monitoring
+from dgm_tf.checkpoint import CheckpointManager
 from dgm_tf.config import Config, ConfigError
 from dgm_tf.data import Scenario, TaskData, load_dataset, make_scenario, resolve_class_order
 from dgm_tf.methods import make_method
@@ -118,6 +119,12 @@ class ValidationSelection(keras.callbacks.Callback):
         self.best_test: list[float] | None = None
         self.best_epoch: int | None = None
 
+    def state(self) -> dict:
+        return {"best_val": self.best_val, "best_test": self.best_test, "best_epoch": self.best_epoch}
+
+    def restore(self, state: dict) -> None:
+        self.best_val, self.best_test, self.best_epoch = state["best_val"], state["best_test"], state["best_epoch"]
+
     def on_epoch_end(self, epoch, logs=None):
         if epoch % self.every and epoch != self.epochs - 1:
             return
@@ -135,15 +142,15 @@ class ProgressLogger(keras.callbacks.Callback):
 
     KEYS = ("d_loss", "g_loss", "wasserstein", "gradient_penalty", "mask_reg", "c_loss", "c_acc", "val_acc", "s")
 
-    def __init__(self, task: int, num_tasks: int, epochs: int):
+    def __init__(self, task: int, num_tasks: int, epochs: int, first_epoch: int = 0):
         super().__init__()
-        self.task, self.num_tasks, self.epochs = task, num_tasks, epochs
+        self.task, self.num_tasks, self.epochs, self.first_epoch = task, num_tasks, epochs, first_epoch
         self.start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         elapsed = time.perf_counter() - self.start
-        eta = elapsed / (epoch + 1) * (self.epochs - epoch - 1)
+        eta = elapsed / (epoch + 1 - self.first_epoch) * (self.epochs - epoch - 1)
         values = " ".join(f"{k}={logs[k]:.4g}" for k in self.KEYS if k in logs)
         logging.info(
             "task %d/%d epoch %d/%d %s (%.1fs, task ETA %.0fs)",
@@ -186,58 +193,176 @@ def write_sample_grid(method: ContinualMethod, scenario: Scenario, task: int, wo
     return grid
 
 
-def run_experiment(config: Config, workdir: str | os.PathLike) -> dict:
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. non-finite losses); the message says where."""
+
+
+# Config fields a resumed run may change: they do not change what is computed.
+RESUME_MAY_CHANGE = frozenset({"log_every_steps", "keep_checkpoints"})
+
+
+def check_resume(workdir: pathlib.Path, config: Config) -> None:
+    """Refuse to resume into a workdir of another experiment, listing the differences."""
+    flags_path = workdir / "flags.txt"
+    if not workdir.is_dir():
+        raise WorkdirError(f"--workdir={workdir}: does not exist; nothing to resume (drop --resume to start)")
+    if not flags_path.is_file():
+        raise WorkdirError(f"--workdir={workdir}: has no flags.txt, so it holds no run to resume")
+    try:
+        stored = Config.from_flags_text(flags_path.read_text())
+    except (OSError, ConfigError) as e:
+        raise WorkdirError(f"{flags_path}: cannot read the run's flags ({e})") from None
+    old, new = stored.as_dict(), config.as_dict()
+    changed = [k for k in old if old[k] != new[k] and k not in RESUME_MAY_CHANGE]
+    if changed:
+        diffs = "; ".join(f"--{k}: run has {old[k]!r}, now {new[k]!r}" for k in changed)
+        raise ConfigError(
+            f"--resume: the flags change the experiment in {workdir} ({diffs}); resume with the run's own "
+            f"flags (--flagfile={flags_path}) or start a new --workdir"
+        )
+
+
+class NonFiniteGuard(keras.callbacks.Callback):
+    """Stops training at the first non-finite loss, naming task, epoch and step."""
+
+    def __init__(self, task: int):
+        super().__init__()
+        self.task = task
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        for key, value in (logs or {}).items():
+            if key.endswith("_step") and not np.all(np.isfinite(np.asarray(value))):
+                raise TrainingError(
+                    f"non-finite {key[:-5]} ({float(np.asarray(value))}) in task {self.task + 1}, "
+                    f"epoch {self.epoch + 1}, step {batch + 1}; the checkpoints of earlier epochs are kept "
+                    "(lower the learning rates in a new run)"
+                )
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Saves a checkpoint after every epoch (``save_fn(epochs_done)``)."""
+
+    def __init__(self, save_fn):
+        super().__init__()
+        self.save_fn = save_fn
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.save_fn(epoch + 1)
+
+
+def run_experiment(config: Config, workdir: str | os.PathLike, resume: bool = False) -> dict:
     """Run every task of the scenario and return (and write) the results.
 
+    With ``resume``, continue the run in ``workdir`` from its newest checkpoint (the
+    flags must describe the same experiment); the results and final weights equal an
+    uninterrupted run's.
+
     Raises ConfigError, DataError or WorkdirError for user errors, before anything is
-    written when possible.
+    written when possible; TrainingError when training cannot go on.
     """
     scenario = build_scenario(config)  # user errors in data/flags surface before any write
-    path = prepare_workdir(workdir)
-    io_utils.atomic_write_text(
-        path / "flags.txt",
-        "# Reproduces this run: python -m dgm_tf.main --flagfile=flags.txt --workdir=<new dir>\n"
-        + "\n".join(config.to_flags())
-        + "\n",
-    )
+    if resume:
+        path = pathlib.Path(workdir)
+        check_resume(path, config)
+    else:
+        path = prepare_workdir(workdir)
+        io_utils.atomic_write_text(
+            path / "flags.txt",
+            "# Reproduces this run: python -m dgm_tf.main --flagfile=flags.txt --workdir=<new dir>\n"
+            + "\n".join(config.to_flags())
+            + "\n",
+        )
+    if config.deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()  # process-wide, as the user asked
+    checkpoints = CheckpointManager(path / "ckpt", keep=config.keep_checkpoints)
+    latest = checkpoints.latest() if resume else None
     keras.utils.set_random_seed(config.seed)
+    method = make_method(config, scenario)
+    monitor = monitoring.Monitor(path / "tb", config, scenario)
+    T = scenario.num_tasks
+    rows = {"acc": [], "aware": [], "best": [], "replay": [], "summaries": [], "wall": []}
+    first_task, mid_task = 0, None
+    if latest is None:
+        if resume:
+            logging.warning("no checkpoint in %s: starting the run from its first task", path / "ckpt")
+        monitor.start()
+    else:
+        st = latest.state
+        rows = st["engine"]
+        monitor.restore(st["monitor"])
+        if st["phase"] == "task_end":
+            method.restore_checkpoint(st["method"], latest.arrays, latest.shared, task=None)
+            first_task = st["task"] + 1
+        else:
+            first_task, mid_task = st["task"], st
+        logging.info("resuming from %s: task %d, %s", latest.path, st["task"] + 1,
+                     "finished" if st["phase"] == "task_end" else f"{st['epochs_done']} epochs done")
     logging.info(
         "%s on %s: %d tasks of %d classes, order %s, %d train images per task",
         config.method, scenario.dataset, scenario.num_tasks, scenario.classes_per_task,
         list(scenario.class_order), len(scenario.tasks[0].x_train),
     )
-    method = make_method(config, scenario)
-    monitor = monitoring.Monitor(path / "tb", config, scenario)
-    monitor.start()
-    T = scenario.num_tasks
-    acc_rows, aware_rows, best_rows, replay_rows, summaries, wall = [], [], [], [], [], []
-    results: dict = {}
-    for task in scenario.tasks:
+
+    def save(phase, task_index, epochs_done, selection, elapsed):
+        method_state, arrays, shared = method.checkpoint_state(during_task=phase == "epoch")
+        checkpoints.save(
+            {
+                "phase": phase, "task": task_index, "epochs_done": epochs_done,
+                "engine": rows, "method": method_state, "monitor": monitor.state(),
+                "selection": None if selection is None else selection.state(),
+                "task_elapsed_s": elapsed, "config": config.as_dict(),
+            },
+            arrays, shared,
+        )
+
+    results = _results(config, scenario, rows) if rows["acc"] else {}
+    for task in scenario.tasks[first_task:]:
         t = task.index
         start = time.perf_counter()
-        method.begin_task(task)
         selection = ValidationSelection(method, scenario.tasks[: t + 1], config.eval_every, config.epochs)
-        method.train_task(task, [selection, ProgressLogger(t, T, config.epochs), monitor.callback(method, task)])
+        if mid_task is not None:
+            method.restore_checkpoint(mid_task["method"], latest.arrays, latest.shared, task=task)
+            selection.restore(mid_task["selection"])
+            initial_epoch, before = mid_task["epochs_done"], mid_task["task_elapsed_s"]
+            mid_task = None
+        else:
+            method.begin_task(task)
+            initial_epoch, before = 0, 0.0
+        callbacks = [
+            selection,
+            ProgressLogger(t, T, config.epochs, initial_epoch),
+            monitor.callback(method, task),
+            NonFiniteGuard(t),
+            EpochCheckpoint(lambda done: save("epoch", t, done, selection, before + time.perf_counter() - start)),
+        ]
+        method.train_task(task, callbacks, initial_epoch=initial_epoch)
         class_il, task_aware = evaluate(method, scenario.tasks[: t + 1], "test")
         method.end_task(task)
         grid = write_sample_grid(method, scenario, t, path, config)
         if config.export:
             exported = export.export_task(method, scenario, t + 1, path / "export")
             logging.info("exported %s", ", ".join(f"{k} -> {v}" for k, v in sorted(exported.items())))
-        replay_rows.append(
+        rows["replay"].append(
             replay_accuracy(method, scenario, t, REPLAY_EVAL_PER_CLASS, seed=config.seed + 104729 * (t + 1))
         )
-        wall.append(time.perf_counter() - start)
-        acc_rows.append(class_il)
-        aware_rows.append(task_aware)
-        best_rows.append(selection.best_test)
-        summaries.append(method.task_summary())
-        results = _results(config, scenario, acc_rows, aware_rows, best_rows, replay_rows, summaries, wall)
+        rows["wall"].append(round(before + time.perf_counter() - start, 3))
+        rows["acc"].append(class_il)
+        rows["aware"].append(task_aware)
+        rows["best"].append(selection.best_test)
+        rows["summaries"].append(method.task_summary())
+        results = _results(config, scenario, rows)
         io_utils.atomic_write_json(path / "results.json", results)
-        monitor.task_end(method, t, results, grid, replay_rows[-1])
+        monitor.task_end(method, t, results, grid, rows["replay"][-1])
+        save("task_end", t, config.epochs, None, rows["wall"][-1])
         logging.info(
             "task %d/%d done in %.0fs: A_%d=%.4f  accuracies %s",
-            t + 1, T, wall[-1], t + 1, results["average_accuracy"][-1],
+            t + 1, T, rows["wall"][-1], t + 1, results["average_accuracy"][-1],
             " ".join(f"{a:.3f}" for a in class_il),
         )
     monitor.close()
@@ -245,7 +370,9 @@ def run_experiment(config: Config, workdir: str | os.PathLike) -> dict:
     return results
 
 
-def _results(config, scenario, acc_rows, aware_rows, best_rows, replay_rows, summaries, wall) -> dict:
+def _results(config, scenario, rows) -> dict:
+    acc_rows, aware_rows, best_rows = rows["acc"], rows["aware"], rows["best"]
+    replay_rows, summaries, wall = rows["replay"], rows["summaries"], rows["wall"]
     T = scenario.num_tasks
     summary = metrics.summary(_matrix(acc_rows, T))
     best = [r for r in best_rows if r is not None]
@@ -272,7 +399,7 @@ def _results(config, scenario, acc_rows, aware_rows, best_rows, replay_rows, sum
         "replay_accuracy": replay_rows,
         "generator_params": [s.get("generator_params") for s in summaries],
         "method_state": summaries,
-        "wall_time_s": [round(w, 3) for w in wall],
+        "wall_time_s": list(wall),
         "config": config.as_dict(),
     }
 

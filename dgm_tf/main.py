@@ -42,6 +42,10 @@ flags.DEFINE_integer("samples_per_class", _D.samples_per_class, "Generated image
 flags.DEFINE_string("precision", _D.precision,
                   "Keras dtype policy: float32, or mixed_bfloat16 (bf16 convolutions, float32 variables; "
                   "fast only on CPUs with AVX512_BF16/AMX or on accelerators).")
+flags.DEFINE_boolean("resume", False, "Continue the run in --workdir from its newest checkpoint (same flags).")
+flags.DEFINE_boolean("deterministic", _D.deterministic, "Enable TensorFlow op determinism (bit-exact resume on "
+                     "GPUs; CPU runs are deterministic without it, about 10% faster).")
+flags.DEFINE_integer("keep_checkpoints", _D.keep_checkpoints, "Newest checkpoints kept in <workdir>/ckpt.")
 flags.DEFINE_integer("log_every_steps", _D.log_every_steps, "Iterations between per-step TensorBoard summaries.")
 flags.DEFINE_boolean("export", _D.export, "Export the classifier and generator as SavedModels after every task "
                      "(export/<model>/<task>, TF Serving layout).")
@@ -95,7 +99,16 @@ def main(argv):
         from dgm_tf import engine  # TensorFlow is imported only once the flags are valid
 
         logging.info("config: %s", config)
-        engine.run_experiment(config, FLAGS.workdir)
+        try:
+            engine.run_experiment(config, FLAGS.workdir, resume=FLAGS.resume)
+        except engine.TrainingError as e:  # training cannot go on: one line, exit 3
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+        except OSError as e:  # e.g. the disk filled up: name the file, keep what was written
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            print(f"error: cannot write{where}: {e.strerror or e}; files written before stay intact "
+                  "(resume with --resume once there is room)", file=sys.stderr)
+            return 4
     except (ConfigError, DataError) as e:  # user errors: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -98,6 +98,13 @@ class Monitor:
             tf.summary.text("config/flags", flags, step=0)
         self.writer.flush()
 
+    def state(self) -> dict:
+        return {"global_step": self.global_step, "global_epoch": self.global_epoch, "last_params": self.last_params}
+
+    def restore(self, state: dict) -> None:
+        self.global_step, self.global_epoch = state["global_step"], state["global_epoch"]
+        self.last_params = state["last_params"]
+
     def close(self) -> None:
         self.writer.flush()
         self.writer.close()

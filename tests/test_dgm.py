@@ -163,7 +163,7 @@ def test_stale_training_function_trap_is_avoided(tiny_scenario):
     assert grown is not stale_trainer.generator
     # The trap, demonstrated: the old trainer's function never touches the new kernel.
     before = grown.masked_convs[0].kernel.numpy().copy()
-    stale_trainer.fit(method.train_dataset(t0), epochs=1, verbose=0, shuffle=False)
+    stale_trainer.fit(method.train_dataset(t0, 0), epochs=1, verbose=0, shuffle=False)
     np.testing.assert_array_equal(grown.masked_convs[0].kernel.numpy(), before)
     # The method's own path trains the grown variables, new channels included.
     method.train_task(t1, [])
@@ -183,7 +183,9 @@ def _first_task_accuracy(scenario, **overrides):
 
 
 def test_replay_keeps_the_first_task_and_no_replay_forgets_it(tiny_scenario):
-    settings = dict(epochs=25, batch_size=32, ndf=8, ngf=4)
+    # 80 iterations per task and ngf 8: with seeds 0-5 task 0 kept 0.80-0.99 (ngf 4 and
+    # 50 iterations was a coin toss: the tiny GAN's trousers often did not look real).
+    settings = dict(epochs=40, batch_size=32, ndf=8, ngf=8)
     with_replay = _first_task_accuracy(tiny_scenario, **settings)
     without = _first_task_accuracy(tiny_scenario, replay=False, **settings)
     # Chance is 1/3 over three classes.

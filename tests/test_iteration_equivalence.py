@@ -121,7 +121,7 @@ def test_compiled_iteration_equals_the_plain_one(tiny_scenario):
     task = tiny_scenario.tasks[2]
     method.begin_task(task)
     tr = method.trainer
-    batch = next(iter(method.train_dataset(task)))
+    batch = next(iter(method.train_dataset(task, 0)))
     s, s_epoch = 37.0, 500.0
     tr.s.assign(s)
     tr.s_epoch.assign(s_epoch)
@@ -139,9 +139,10 @@ def test_compiled_iteration_equals_the_plain_one(tiny_scenario):
 
     changed = 0
     for v, a, b, before in zip(variables, fast, plain, start):
-        # Adam divides by sqrt(v): float reordering between graph and eager moves a few
-        # weights by ~1e-6; a semantic slip moves them by the step size (~1e-3).
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5, err_msg=v.path)
+        # Adam divides by sqrt(v): where a gradient is near Adam's epsilon, float
+        # reordering between graph and eager moves a weight by up to ~3e-5; a semantic
+        # slip moves weights by the step size (~1e-3).
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=5e-5, err_msg=v.path)
         changed += int(np.any(a != before))
     assert changed > 20  # the iteration really updated both networks
     # Reserved generator weights are bit-identical on both paths.

@@ -194,7 +194,7 @@ def benchmark_task(config, scenario, task_index: int, xla: bool) -> dict:
 
     method, begin_s = prepare_task_state(config, scenario, task_index, FLAGS.reserve_fraction, config.seed)
     trainer = method.trainer
-    batch = next(iter(method.train_dataset(scenario.tasks[task_index])))
+    batch = next(iter(method.train_dataset(scenario.tasks[task_index], 0)))
     trainer.s.assign(10.0)
     trainer.s_epoch.assign(100.0)
     timing = dict(warmup=FLAGS.warmup, iterations=FLAGS.iterations, repeats=FLAGS.repeats)

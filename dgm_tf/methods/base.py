@@ -56,6 +56,16 @@ class ContinualMethod(abc.ABC):
         """Generated images of ``labels`` in [-1, 1], or None for non-generative methods."""
         return None
 
+    def checkpoint_state(self, during_task: bool = True) -> tuple[dict, dict[str, np.ndarray], dict]:
+        """``(json_state, arrays, shared_arrays)`` from which ``restore_checkpoint``
+        rebuilds the method exactly; ``during_task``: taken between epochs of a task
+        (include optimizer state, RNG, replay), else after ``end_task``."""
+        raise NotImplementedError(f"{self.name} does not support checkpoints")
+
+    def restore_checkpoint(self, state: dict, arrays: dict, shared: dict, task: TaskData | None) -> None:
+        """Inverse of ``checkpoint_state``; ``task`` is the task in progress or None."""
+        raise NotImplementedError(f"{self.name} does not support checkpoints")
+
     def mask_values(self) -> dict[str, np.ndarray]:
         """Monitoring: the current task's mask values per masked layer, at the current
         mask scale (empty for methods without masks)."""

@@ -30,6 +30,12 @@ from dgm_tf.models import Discriminator, Generator, growth_channels
 # gradient of ||g|| finite where g == 0 (PyTorch's norm backward returns 0 there).
 _GP_NORM_EPS = 1e-12
 _GENERATION_BATCH = 256
+_DATA_STREAM = 11  # keys the per-epoch data order apart from other seeded streams
+
+
+def task_seed(seed: int, task: int) -> int:
+    """Seed of the global Keras RNG at the start of ``task`` (initialisers)."""
+    return (int(seed) * 1_000_003 + 7919 * (int(task) + 1)) % (2**31 - 1)
 
 
 # --------------------------------------------------------------------------------------
@@ -344,6 +350,10 @@ class DGMw(ContinualMethod):
     def begin_task(self, task: TaskData) -> None:
         cfg = self.config
         t = task.index
+        # Every random initialisation of this task (growth, a fresh discriminator) is a
+        # function of (seed, task), not of what ran before in this process, so a run
+        # resumed at a task boundary builds the same networks.
+        keras.utils.set_random_seed(task_seed(cfg.seed, t))
         labels = tuple(task.labels)
         if self.generator is None:
             self.generator = Generator(
@@ -371,6 +381,11 @@ class DGMw(ContinualMethod):
         self.replay = (
             self.build_replay(num_per_class=len(task.x_train), seed=cfg.seed * 1000 + t) if cfg.replay else []
         )
+        self._make_trainer(task)
+
+    def _make_trainer(self, task: TaskData) -> None:
+        cfg = self.config
+        t = task.index
         self.trainer = DGMTaskTrainer(
             self.generator,
             self.discriminator,
@@ -414,23 +429,27 @@ class DGMw(ContinualMethod):
             out.append(self.generator(z, batch, task=task, s=self.config.smax, training=False).numpy())
         return np.concatenate(out, axis=0) if out else np.zeros((0,) + self.scenario.image_shape, np.float32)
 
-    def train_dataset(self, task: TaskData) -> tf.data.Dataset:
-        """Real batches of the task zipped with a batch of every past task's replay set."""
+    def train_dataset(self, task: TaskData, epoch: int) -> tf.data.Dataset:
+        """Epoch ``epoch``'s batches: the task's real data in a fresh order, each zipped
+        with a batch of every past task's replay set.
+
+        The order is a pure function of (seed, task, epoch): a run resumed at epoch e
+        reads exactly the batches the uninterrupted run read (tf.data's own reshuffling
+        keeps hidden state across epochs, so it is not used). Each replay set is read as
+        a stream of fresh permutations, as ``shuffle().repeat()`` would.
+        """
         cfg = self.config
-        seed = cfg.seed * 1000 + task.index
         n = len(task.x_train)
-        real = (
-            tf.data.Dataset.from_tensor_slices((task.x_train, task.y_train.astype(np.int32)))
-            .shuffle(n, seed=seed, reshuffle_each_iteration=True)
-            .batch(cfg.batch_size)
-        )
-        replays = tuple(
-            tf.data.Dataset.from_tensor_slices((x, y))
-            .shuffle(len(y), seed=seed + 1 + i, reshuffle_each_iteration=True)
-            .repeat()
-            .batch(cfg.batch_size)
-            for i, (x, y) in enumerate(self.replay)
-        )
+        rng = np.random.default_rng((cfg.seed, _DATA_STREAM, task.index, epoch))
+        order = rng.permutation(n)
+        real = tf.data.Dataset.from_tensor_slices((task.x_train[order], task.y_train[order].astype(np.int32)))
+        steps = -(-n // cfg.batch_size)
+        replays = []
+        for i, (x, y) in enumerate(self.replay):
+            needed = steps * cfg.batch_size
+            stream_rng = np.random.default_rng((cfg.seed, _DATA_STREAM, task.index, epoch, i + 1))
+            idx = np.concatenate([stream_rng.permutation(len(y)) for _ in range(-(-needed // len(y)))])[:needed]
+            replays.append(tf.data.Dataset.from_tensor_slices((x[idx], y[idx])).batch(cfg.batch_size))
 
         def to_inputs(real_batch, *replay_batches):
             return {
@@ -440,14 +459,28 @@ class DGMw(ContinualMethod):
                 "replay_y": tuple(r[1] for r in replay_batches),
             }
 
-        return tf.data.Dataset.zip((real,) + replays).map(to_inputs).prefetch(tf.data.AUTOTUNE)
+        return (
+            tf.data.Dataset.zip((real.batch(cfg.batch_size),) + tuple(replays))
+            .map(to_inputs)
+            .prefetch(tf.data.AUTOTUNE)
+        )
 
-    def train_task(self, task: TaskData, callbacks: Sequence[keras.callbacks.Callback]) -> None:
+    def train_task(
+        self, task: TaskData, callbacks: Sequence[keras.callbacks.Callback], initial_epoch: int = 0
+    ) -> None:
+        """Epochs ``initial_epoch`` .. epochs-1, one ``fit`` call per epoch (each on that
+        epoch's dataset; the traced step is reused)."""
         cfg = self.config
         schedule = MaskScaleSchedule(self.trainer, cfg.epochs, len(task.x_train), cfg.batch_size, cfg.smax)
-        self.trainer.fit(
-            self.train_dataset(task), epochs=cfg.epochs, verbose=0, shuffle=False, callbacks=[schedule, *callbacks]
-        )
+        for epoch in range(initial_epoch, cfg.epochs):
+            self.trainer.fit(
+                self.train_dataset(task, epoch),
+                epochs=epoch + 1,
+                initial_epoch=epoch,
+                verbose=0,
+                shuffle=False,  # the order is the dataset's, keyed by epoch
+                callbacks=[schedule, *callbacks],
+            )
 
     def end_task(self, task: TaskData) -> None:
         """Binarise the task's mask at smax, reserve it, and plan the growth that keeps
@@ -473,6 +506,92 @@ class DGMw(ContinualMethod):
                 "growth_channels": list(self.pending_growth),
             }
         )
+
+    # -- checkpoints ------------------------------------------------------------------
+
+    def checkpoint_state(self, during_task: bool = True):
+        """(JSON state, arrays, shared arrays) that ``restore_checkpoint`` rebuilds
+        this method from, bit for bit: the grown generator's architecture and weights,
+        the discriminator, reserved masks, growth plan, history and, during a task, the
+        optimizers' slots, the trainer's RNG state and the task's replay set."""
+        state = {
+            "generator": None if self.generator is None else {
+                "task_widths": [list(w) for w in self.generator.task_widths],
+                "task_classes": [list(c) for c in self.generator.task_classes],
+            },
+            "num_seen": len(self._seen_labels),
+            "seen_labels": list(self._seen_labels),
+            "reserved_counts": list(self.reserved_counts),
+            "pending_growth": list(self.pending_growth),
+            "history": self.history,
+            "num_reserved": 0 if self.reserved is None else len(self.reserved),
+            "trainer_task": None if self.trainer is None or not during_task else self.trainer.task,
+        }
+        arrays = {}
+        for prefix, model in (("generator", self.generator), ("discriminator", self.discriminator)):
+            if model is not None:
+                for i, v in enumerate(model.weights):
+                    arrays[f"{prefix}/{i:04d}"] = v.numpy()
+        for i, r in enumerate(self.reserved or []):
+            arrays[f"reserved/{i}"] = np.asarray(r)
+        shared = {}
+        if self.trainer is not None and during_task:
+            for prefix, opt in (("d_opt", self.trainer.d_optimizer), ("g_opt", self.trainer.g_optimizer)):
+                for i, v in enumerate(opt.variables):
+                    arrays[f"{prefix}/{i:04d}"] = v.numpy()
+            arrays["rng_state"] = self.trainer.rng.state.numpy()
+            if self.replay:
+                key = f"replay_task_{self.trainer.task:03d}"
+                state["replay_key"] = key
+                state["replay_sets"] = len(self.replay)
+                shared[key] = {f"{kind}_{i}": arr for i, (x, y) in enumerate(self.replay)
+                               for kind, arr in (("x", x), ("y", y))}
+        return state, arrays, shared
+
+    def restore_checkpoint(self, state, arrays, shared, task: TaskData | None) -> None:
+        """Rebuild from ``checkpoint_state``'s output. ``task``: the task being trained
+        when the checkpoint was taken (mid-task), or None (taken after ``end_task``)."""
+        cfg = self.config
+
+        def load(prefix, model):
+            values = [arrays[f"{prefix}/{i:04d}"] for i in range(len(model.weights))]
+            if f"{prefix}/{len(model.weights):04d}" in arrays:
+                raise ValueError(f"checkpoint holds more {prefix} weights than the rebuilt network")
+            for v, value in zip(model.weights, values):
+                v.assign(value)
+
+        g = state["generator"]
+        self.generator = Generator(
+            nz=cfg.nz, num_code_classes=self.scenario.num_classes, image_channels=self.image_channels,
+            task_widths=g["task_widths"], task_classes=g["task_classes"], name="generator", dtype=cfg.precision,
+        )
+        load("generator", self.generator)
+        self.discriminator = Discriminator(
+            cfg.ndf, state["num_seen"], self.image_channels, name="discriminator", dtype=cfg.precision
+        )
+        load("discriminator", self.discriminator)
+        self._seen_labels = list(state["seen_labels"])
+        self.reserved_counts = list(state["reserved_counts"])
+        self.pending_growth = tuple(state["pending_growth"])
+        self.history = list(state["history"])
+        n = state["num_reserved"]
+        self.reserved = [arrays[f"reserved/{i}"] for i in range(n)] if n else None
+        self.trainer = None
+        self.replay = []
+        if task is not None:
+            if state.get("trainer_task") != task.index:
+                raise ValueError(f"checkpoint was taken during task {state.get('trainer_task')}, not {task.index}")
+            key = state.get("replay_key")
+            if key:
+                blob = shared[key]
+                self.replay = [(blob[f"x_{i}"], blob[f"y_{i}"]) for i in range(state["replay_sets"])]
+            self._make_trainer(task)
+            for prefix, opt in (("d_opt", self.trainer.d_optimizer), ("g_opt", self.trainer.g_optimizer)):
+                for i, v in enumerate(opt.variables):
+                    v.assign(arrays[f"{prefix}/{i:04d}"])
+            self.trainer.rng.reset(arrays["rng_state"])
+        discriminator = self.discriminator
+        self._classify = tf.function(lambda x: discriminator(x, training=False)[1], reduce_retracing=True)
 
     # -- inference ----------------------------------------------------------------------
 

@@ -1,0 +1,93 @@
+"""Runs dgm_tf.main and SIGKILLs itself at a chosen point (for the resume tests).
+
+    python tests/kill_driver.py <point> <main flags...>
+
+Points: ``batch:T:E:B`` (before batch B of epoch E of task T, all 0-based),
+``begin_task:T``, ``export:V`` (export version V written, not yet renamed into place),
+``checkpoint:N`` (the N-th checkpoint's arrays written, not yet renamed into place).
+``enospc:NAME:N`` does not kill: the N-th atomic write of a file called NAME fails as
+if the disk were full.
+"""
+
+import os
+import pathlib
+import signal
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import errno  # noqa: E402
+
+from dgm_tf import checkpoint, export, io_utils, main  # noqa: E402
+from dgm_tf.methods import dgm  # noqa: E402
+
+
+def die():
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install(point: str) -> None:
+    kind, *args = point.split(":")
+    nums = [int(a) for a in args] if kind != "enospc" else []
+    if kind == "batch":
+        original = dgm.MaskScaleSchedule.on_train_batch_begin
+
+        def on_batch(self, batch, logs=None):
+            if (self.trainer.task, self._epoch, batch) == tuple(nums):
+                die()
+            return original(self, batch, logs)
+
+        dgm.MaskScaleSchedule.on_train_batch_begin = on_batch
+    elif kind == "begin_task":
+        original_begin = dgm.DGMw.begin_task
+
+        def begin(self, task):
+            if task.index == nums[0]:
+                die()
+            return original_begin(self, task)
+
+        dgm.DGMw.begin_task = begin
+    elif kind == "export":
+        original_save = export._save
+
+        def save(module, directory, *a, **k):
+            original_save(module, directory, *a, **k)
+            if directory.name.startswith(f".tmp-{nums[0]}-"):
+                die()
+
+        export._save = save
+    elif kind == "checkpoint":
+        original_write = checkpoint._write_npz
+        calls = {"n": 0}
+
+        def write(path, arrays):
+            original_write(path, arrays)
+            if path.name == checkpoint.ARRAYS_FILE:
+                calls["n"] += 1
+                if calls["n"] == nums[0]:
+                    die()
+
+        checkpoint._write_npz = write
+    elif kind == "enospc":
+        name, n = args[0], int(args[1])
+        original_atomic = io_utils.atomic_write_bytes
+        calls = {"n": 0}
+
+        def atomic(path, data):
+            if pathlib.Path(path).name == name:
+                calls["n"] += 1
+                if calls["n"] == n:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            return original_atomic(path, data)
+
+        io_utils.atomic_write_bytes = atomic
+    else:
+        raise SystemExit(f"unknown kill point {point!r}")
+
+
+if __name__ == "__main__":
+    install(sys.argv[1])
+    sys.argv = ["dgm_tf.main"] + sys.argv[2:]
+    main.run()

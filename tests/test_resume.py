@@ -1,0 +1,205 @@
+"""Exact resume after SIGKILL, refusals, non-finite losses and a full disk.
+
+A run is killed at chosen points by tests/kill_driver.py (which patches one function
+and SIGKILLs its own process there), resumed with ``--resume``, and compared with an
+uninterrupted run: same results.json (wall times aside) and the same final weights,
+bit for bit.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dgm_tf.checkpoint import CheckpointManager
+from tests.test_cli import REPO, run_cli
+
+FLAGS = [
+    "--class_order=1,7,8", "--epochs=2", "--train_examples_per_class=32", "--batch_size=16", "--nz=16",
+    "--ngf=2", "--ndf=4", "--samples_per_class=3", "--eval_every=1",
+]
+FLAGS_4 = [f for f in FLAGS if not f.startswith("--class_order")] + ["--class_order=1,7,8,9"]
+
+
+def run_killed(point, *args):
+    return subprocess.run(
+        [sys.executable, str(REPO / "tests" / "kill_driver.py"), point, *args],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+
+
+def _final_state(workdir):
+    results = json.loads((workdir / "results.json").read_text())
+    results.pop("wall_time_s")
+    latest = CheckpointManager(workdir / "ckpt").latest()
+    assert latest.state["phase"] == "task_end"
+    return results, latest.arrays
+
+
+def assert_same_run(reference, resumed):
+    results_a, arrays_a = _final_state(reference)
+    results_b, arrays_b = _final_state(resumed)
+    assert results_a == results_b
+    assert sorted(arrays_a) == sorted(arrays_b)
+    weights = [k for k in arrays_a if k.startswith(("generator/", "discriminator/", "reserved/"))]
+    assert len(weights) > 30
+    for key in weights:
+        np.testing.assert_array_equal(arrays_a[key], arrays_b[key], err_msg=key)
+    for model in ("classifier", "generator"):
+        assert sorted(p.name for p in (resumed / "export" / model).iterdir()) == sorted(
+            p.name for p in (reference / "export" / model).iterdir()
+        )
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("ref") / "wd"
+    proc = run_cli(*FLAGS, f"--workdir={workdir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir
+
+
+def test_killed_mid_epoch_and_during_export_resumes_to_the_same_run(reference, tmp_path):
+    workdir = tmp_path / "wd"
+    # Killed inside epoch 2 of task 2: the epoch-1 checkpoint of task 2 is the newest.
+    proc = run_killed("batch:1:1:1", *FLAGS, f"--workdir={workdir}")
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert json.loads((workdir / "results.json").read_text())["tasks_completed"] == 1
+    # Resumed, then killed while export version 2 is written but not renamed in.
+    proc = run_killed("export:2", *FLAGS, f"--workdir={workdir}", "--resume")
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert "resuming from" in proc.stderr and "task 2, 1 epochs done" in proc.stderr
+    # The half-written version 2 is invisible to a server (no numeric name).
+    names = sorted(p.name for p in (workdir / "export" / "classifier").iterdir())
+    assert [n for n in names if n.isdigit()] == ["1"] and any(n.startswith(".tmp-2-") for n in names)
+    proc = run_cli(*FLAGS, f"--workdir={workdir}", "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(reference, workdir)
+    assert not any(p.name.startswith(".tmp") for p in (workdir / "export" / "classifier").iterdir())
+
+
+@pytest.mark.slow
+def test_four_tasks_killed_at_every_kind_of_point_resume_to_the_same_run(tmp_path):
+    reference = tmp_path / "ref"
+    proc = run_cli(*FLAGS_4, f"--workdir={reference}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    workdir = tmp_path / "wd"
+    points = ["batch:0:1:0", "begin_task:2", "checkpoint:2", "export:3", "batch:3:0:1"]
+    for i, point in enumerate(points):
+        proc = run_killed(point, *FLAGS_4, f"--workdir={workdir}", *(["--resume"] if i else []))
+        assert proc.returncode == -9, (point, proc.stderr[-2000:])
+        for ckpt in (p for p in (workdir / "ckpt").iterdir() if p.name.isdigit()):  # none half-written
+            assert (ckpt / "state.json").is_file() and (ckpt / "arrays.npz").is_file(), (point, ckpt)
+    proc = run_cli(*FLAGS_4, f"--workdir={workdir}", "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(reference, workdir)
+
+
+def test_resuming_a_finished_run_changes_nothing(reference, tmp_path):
+    before = (reference / "results.json").read_text()
+    proc = run_cli(*FLAGS, f"--workdir={reference}", "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (reference / "results.json").read_text() == before
+    assert "task 3, finished" in proc.stderr
+
+
+def test_resume_with_other_flags_is_refused_with_the_differences(reference):
+    listing = sorted(p.name for p in (reference / "ckpt").iterdir())
+    proc = run_cli(*FLAGS, "--epochs=3", "--lr=0.001", f"--workdir={reference}", "--resume")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1
+    assert "--epochs: run has 2, now 3" in error[0] and "--lr_d: run has 0.002, now 0.001" in error[0]
+    assert sorted(p.name for p in (reference / "ckpt").iterdir()) == listing
+
+
+def test_resume_may_change_logging_cadence(reference):
+    proc = run_cli(*FLAGS, "--log_every_steps=7", f"--workdir={reference}", "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("setup", ["missing", "no_flags"])
+def test_resume_without_a_run_is_an_error(tmp_path, setup):
+    workdir = tmp_path / "wd"
+    if setup == "no_flags":
+        workdir.mkdir()
+        (workdir / "notes.txt").write_text("mine")
+    proc = run_cli(*FLAGS, f"--workdir={workdir}", "--resume")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "nothing to resume" in proc.stderr or "no flags.txt" in proc.stderr
+    if setup == "no_flags":
+        assert sorted(p.name for p in workdir.iterdir()) == ["notes.txt"]
+
+
+def test_full_disk_stops_with_one_line_and_keeps_earlier_results(tmp_path):
+    workdir = tmp_path / "wd"
+    proc = run_killed("enospc:results.json:2", *FLAGS, f"--workdir={workdir}")
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "results.json" in error[0] and "No space left on device" in error[0]
+    assert "Traceback" not in proc.stderr
+    results = json.loads((workdir / "results.json").read_text())  # still the task-1 file, whole
+    assert results["tasks_completed"] == 1
+    assert not [p for p in workdir.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_non_finite_loss_stops_naming_task_epoch_and_step(tmp_path, monkeypatch):
+    from dgm_tf import engine
+    from dgm_tf.config import Config
+
+    original = engine.NonFiniteGuard.on_train_batch_end
+
+    def poisoned(self, batch, logs=None):
+        if self.task == 1 and self.epoch == 1 and batch == 1:
+            logs = dict(logs, g_loss_step=np.float32("nan"))
+        return original(self, batch, logs)
+
+    monkeypatch.setattr(engine.NonFiniteGuard, "on_train_batch_end", poisoned)
+    config = Config(dataset="embedded", class_order=(1, 7, 8), epochs=2, train_examples_per_class=32,
+                    batch_size=16, nz=16, ngf=2, ndf=4, samples_per_class=3, export=False)
+    with pytest.raises(engine.TrainingError, match=r"non-finite g_loss .* task 2, epoch 2, step 2"):
+        engine.run_experiment(config, tmp_path / "wd")
+    latest = CheckpointManager(tmp_path / "wd" / "ckpt").latest()
+    assert (latest.state["task"], latest.state["epochs_done"], latest.state["phase"]) == (1, 1, "epoch")
+
+
+@pytest.mark.parametrize(
+    "flagfile_text, needle",
+    [("--epochs=abc\n", "--epochs=abc"), ("--no_such_flag=1\n", "no_such_flag")],
+)
+def test_malformed_flagfile_is_one_clear_line(tmp_path, flagfile_text, needle):
+    path = tmp_path / "bad.cfg"
+    path.write_text(flagfile_text)
+    proc = run_cli(f"--flagfile={path}", f"--workdir={tmp_path / 'wd'}")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert needle in proc.stderr and not (tmp_path / "wd").exists()
+
+
+def test_missing_flagfile_is_one_clear_line(tmp_path):
+    proc = run_cli(f"--flagfile={tmp_path / 'none.cfg'}", f"--workdir={tmp_path / 'wd'}")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "none.cfg" in proc.stderr
+
+
+def test_checkpoint_write_is_atomic_and_pruned(tmp_path):
+    manager = CheckpointManager(tmp_path, keep=2)
+    for i in range(4):
+        manager.save({"i": i}, {"w": np.full(3, i)}, shared={f"blob_{i // 2}": {"x": np.arange(i)}})
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["000003", "000004", "shared"]
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == ["blob_1.npz"]
+    latest = manager.latest()
+    assert latest.state["i"] == 3 and latest.arrays["w"].tolist() == [3, 3, 3]
+    # A damaged newest checkpoint falls back to the previous one.
+    (tmp_path / "000004" / "arrays.npz").write_bytes(b"garbage")
+    assert manager.latest().state["i"] == 2
+
+
+def test_flags_text_round_trips_every_config_field():
+    from dgm_tf.config import Config
+
+    config = Config(class_order="random:4", aux_g=True, lr_d=0.0005, channels=3, data_dir="/x y", precision="mixed_bfloat16")
+    assert Config.from_flags_text("# comment\n" + "\n".join(config.to_flags())) == config
+    explicit = Config(class_order=(3, 1, 2))
+    assert Config.from_flags_text("\n".join(explicit.to_flags())) == explicit
