@@ -257,3 +257,13 @@ def test_a_tiny_run_on_a_folder_dataset_end_to_end(tmp_path):
     # RGB end to end: 3-channel generator heads, discriminator input and sample grid.
     grid = tf.io.decode_png((workdir / "samples" / "task_01.png").read_bytes()).numpy()
     assert grid.shape[-1] == 3 and grid.std() > 0
+
+
+def test_unwritable_workdir_is_one_clear_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    proc = run_cli(*TINY, f"--workdir={blocker / 'wd'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "--workdir" in error[0] and "not writable" in error[0]
+    assert blocker.read_text() == "not a directory"
