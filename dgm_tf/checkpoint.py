@@ -3,7 +3,9 @@
 A checkpoint is a JSON document (everything that is not an array: task, epoch, the
 accuracy rows so far, the method's bookkeeping) and one ``.npz`` of arrays (weights,
 optimizer slots, reserved masks, RNG states). Arrays that stay fixed for a whole task
-and are large (the replay set) are stored once as ``shared/<key>.npz`` and referenced.
+and are large (the replay set) are stored once as ``shared/<key>.npz`` and referenced;
+keys name their content (a digest), so a blob left by another attempt is never mistaken
+for this one's.
 
 Every checkpoint is built in a temporary directory and renamed into place, so a crash
 while writing leaves the previous checkpoints intact and never a partial one under a
@@ -83,6 +85,7 @@ class CheckpointManager:
                 try:
                     _write_npz(tmp, blob)
                     os.replace(tmp, target)
+                    io_utils.fsync_dir(shared_dir)
                 finally:
                     if tmp.exists():
                         tmp.unlink()

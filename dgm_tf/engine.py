@@ -264,10 +264,11 @@ def run_experiment(config: Config, workdir: str | os.PathLike, resume: bool = Fa
     Raises ConfigError, DataError or WorkdirError for user errors, before anything is
     written when possible; TrainingError when training cannot go on.
     """
+    if resume:  # a mismatch is reported before any data is read
+        check_resume(pathlib.Path(workdir), config)
     scenario = build_scenario(config)  # user errors in data/flags surface before any write
     if resume:
         path = pathlib.Path(workdir)
-        check_resume(path, config)
     else:
         path = prepare_workdir(workdir)
         io_utils.atomic_write_text(
@@ -285,7 +286,6 @@ def run_experiment(config: Config, workdir: str | os.PathLike, resume: bool = Fa
     keras.utils.set_random_seed(config.seed)
     method = make_method(config, scenario)
     monitor = monitoring.Monitor(path / "tb", config, scenario)
-    T = scenario.num_tasks
     rows = {"acc": [], "aware": [], "best": [], "replay": [], "summaries": [], "wall": []}
     first_task, mid_task = 0, None
     if latest is None:
@@ -322,6 +322,18 @@ def run_experiment(config: Config, workdir: str | os.PathLike, resume: bool = Fa
         )
 
     results = _results(config, scenario, rows) if rows["acc"] else {}
+    try:
+        results = _run_tasks(config, scenario, path, method, monitor, checkpoints, latest, rows,
+                             first_task, mid_task, save, results)
+    finally:
+        monitor.close()  # flush what was written, also when training stops on an error
+    logging.info("summary:\n%s", format_summary(results))
+    return results
+
+
+def _run_tasks(config, scenario, path, method, monitor, checkpoints, latest, rows, first_task, mid_task, save,
+               results):
+    T = scenario.num_tasks
     for task in scenario.tasks[first_task:]:
         t = task.index
         start = time.perf_counter()
@@ -365,8 +377,6 @@ def run_experiment(config: Config, workdir: str | os.PathLike, resume: bool = Fa
             t + 1, T, rows["wall"][-1], t + 1, results["average_accuracy"][-1],
             " ".join(f"{a:.3f}" for a in class_il),
         )
-    monitor.close()
-    logging.info("summary:\n%s", format_summary(results))
     return results
 
 

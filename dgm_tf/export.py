@@ -30,6 +30,7 @@ uint8 ``[None, 32, 32, C]``; each image depends only on its (class id, seed) pai
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pathlib
@@ -54,13 +55,22 @@ _WARMUP_IMAGES = 2
 
 
 def clean_stale_temporaries(base: pathlib.Path) -> list[pathlib.Path]:
-    """Remove temporary version directories a killed process left behind."""
+    """Remove temporary version directories a killed process left behind.
+
+    A complete old version set aside during a replacement (``.tmp-old-<v>-<pid>``) is
+    put back if the process died before the new one took its place.
+    """
     removed = []
     if base.is_dir():
-        for child in base.iterdir():
-            if child.name.startswith(_TMP_PREFIX) and child.is_dir():
-                shutil.rmtree(child, ignore_errors=True)
-                removed.append(child)
+        for child in sorted(base.iterdir()):
+            if not (child.name.startswith(_TMP_PREFIX) and child.is_dir()):
+                continue
+            parts = child.name[len(_TMP_PREFIX) :].split("-")
+            if parts[0] == "old" and len(parts) >= 2 and parts[1].isdigit() and not (base / parts[1]).exists():
+                os.rename(child, base / parts[1])
+                continue
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
     return removed
 
 
@@ -75,7 +85,10 @@ def write_version(base: pathlib.Path, version: int, build: Callable[[pathlib.Pat
     final = base / str(int(version))
     tmp = base / f"{_TMP_PREFIX}{int(version)}-{os.getpid()}"
     try:
-        build(tmp)
+        try:
+            build(tmp)
+        except tf.errors.OpError as e:  # e.g. a full disk inside tf.saved_model.save
+            raise OSError(errno.EIO, e.message.splitlines()[0] if e.message else str(e), str(tmp)) from None
         _fsync_tree(tmp)
         if final.exists():
             old = base / f"{_TMP_PREFIX}old-{int(version)}-{os.getpid()}"
@@ -92,7 +105,7 @@ def write_version(base: pathlib.Path, version: int, build: Callable[[pathlib.Pat
 
 
 def _fsync_tree(root: pathlib.Path) -> None:
-    """Flush every file of ``root`` to disk before the rename publishes it."""
+    """Flush every file and directory of ``root`` to disk before the rename publishes it."""
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
@@ -100,6 +113,7 @@ def _fsync_tree(root: pathlib.Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        io_utils.fsync_dir(dirpath)
 
 
 # --------------------------------------------------------------------------------------

@@ -178,8 +178,9 @@ class MonitorCallback(keras.callbacks.Callback):
         m.global_epoch += 1
         logs = logs or {}
         with m.writer.as_default(step=m.global_epoch):
+            replaying = self.method.replay_examples(1) is not None
             for key in _EPOCH_KEYS:
-                if key in logs and not (self.task.index == 0 and key.endswith("_replay")):
+                if key in logs and not (key.endswith("_replay") and not replaying):
                     tf.summary.scalar(f"{self.prefix}/epoch/{key}", float(logs[key]))
             for layer, values in self.method.mask_values().items():
                 tf.summary.histogram(f"{self.prefix}/masks/{layer}", values.ravel(), buckets=20)

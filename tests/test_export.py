@@ -328,7 +328,7 @@ def test_serving_request_sends_rest_and_prints_class_names(exported):
     finally:
         server.shutdown()
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert seen == {"path": "/v1/models/classifier:predict", "n": 2}
+    assert seen == {"path": "/v1/models/classifier/versions/3:predict", "n": 2}  # the version it read
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2 and all("Sneaker (class id 7, p=0.700)" in line for line in lines)
 
@@ -342,3 +342,14 @@ def test_serving_request_reports_an_unreachable_server(exported):
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "cannot reach the server" in proc.stderr
+
+
+def test_interrupted_replacement_puts_the_old_version_back(tmp_path):
+    base = tmp_path / "classifier"
+    export.write_version(base, 1, lambda d: (d.mkdir(), (d / "saved_model.pb").write_text("v1")))
+    # A process died between moving version 1 aside and renaming its replacement in.
+    (base / "1").rename(base / ".tmp-old-1-999")
+    (base / ".tmp-1-999").mkdir()
+    export.clean_stale_temporaries(base)
+    assert sorted(p.name for p in base.iterdir()) == ["1"]
+    assert (base / "1" / "saved_model.pb").read_text() == "v1"

@@ -1,4 +1,4 @@
-"""The README's quickstart, end to end (slow: about 8 minutes on 2 cores)."""
+"""The README's quickstart, end to end (slow: about 9 minutes on 2 cores)."""
 
 import json
 

@@ -91,6 +91,9 @@ def sample_images(n: int, shape: tuple[int, int, int]) -> tuple[np.ndarray, list
     if raw.image_shape != shape:
         raise RequestError(f"--samples: the embedded images are {raw.image_shape}, the model takes {shape}")
     classes = np.unique(raw.y_test)
+    available = min(int(np.sum(raw.y_test == c)) for c in classes) * len(classes)
+    if n > available:
+        raise RequestError(f"--samples: at most {available} test images are available, asked for {n}")
     idx = [int(np.flatnonzero(raw.y_test == classes[k % len(classes)])[k // len(classes)]) for k in range(n)]
     return raw.x_test[idx], [f"test image of {raw.class_names[raw.y_test[i]]!r}" for i in idx]
 
@@ -184,9 +187,11 @@ def main(argv):
             if FLAGS.dry_run:
                 print(json.dumps(body))
                 return 0
-            predictions = send_rest(body, FLAGS.host, port, FLAGS.model_name, FLAGS.version, FLAGS.timeout)
+            # Query the version whose signature and classes.json were read, not the
+            # server's newest, which may be another one.
+            predictions = send_rest(body, FLAGS.host, port, FLAGS.model_name, version, FLAGS.timeout)
         else:
-            request = grpc_request(images, input_name, FLAGS.model_name, FLAGS.version)
+            request = grpc_request(images, input_name, FLAGS.model_name, version)
             if FLAGS.dry_run:
                 from google.protobuf import text_format
 

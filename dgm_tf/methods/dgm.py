@@ -15,6 +15,7 @@ them. One training iteration on task t, for one real batch:
 
 from __future__ import annotations
 
+import hashlib
 from typing import Sequence
 
 import keras
@@ -541,12 +542,22 @@ class DGMw(ContinualMethod):
                     arrays[f"{prefix}/{i:04d}"] = v.numpy()
             arrays["rng_state"] = self.trainer.rng.state.numpy()
             if self.replay:
-                key = f"replay_task_{self.trainer.task:03d}"
+                key = f"replay_task_{self.trainer.task:03d}_{self._replay_digest()}"
                 state["replay_key"] = key
                 state["replay_sets"] = len(self.replay)
                 shared[key] = {f"{kind}_{i}": arr for i, (x, y) in enumerate(self.replay)
                                for kind, arr in (("x", x), ("y", y))}
         return state, arrays, shared
+
+    def _replay_digest(self) -> str:
+        """Content digest of the replay set (computed once per replay set)."""
+        if getattr(self, "_digest_of", None) is not self.replay:
+            h = hashlib.sha256()
+            for x, y in self.replay:
+                h.update(np.ascontiguousarray(x).tobytes())
+                h.update(np.ascontiguousarray(y).tobytes())
+            self._digest_of, self._digest = self.replay, h.hexdigest()[:16]
+        return self._digest
 
     def restore_checkpoint(self, state, arrays, shared, task: TaskData | None) -> None:
         """Rebuild from ``checkpoint_state``'s output. ``task``: the task being trained
