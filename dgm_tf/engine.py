@@ -287,7 +287,7 @@ def run_experiment(config: Config, workdir: str | os.PathLike, resume: bool = Fa
     method = make_method(config, scenario)
     monitor = monitoring.Monitor(path / "tb", config, scenario)
     rows = {"acc": [], "aware": [], "best": [], "replay": [], "summaries": [], "wall": []}
-    first_task, mid_task = 0, None
+    first_task, resume_mid_task = 0, False
     if latest is None:
         if resume:
             logging.warning("no checkpoint in %s: starting the run from its first task", path / "ckpt")
@@ -300,7 +300,7 @@ def run_experiment(config: Config, workdir: str | os.PathLike, resume: bool = Fa
             method.restore_checkpoint(st["method"], latest.arrays, latest.shared, task=None)
             first_task = st["task"] + 1
         else:
-            first_task, mid_task = st["task"], st
+            first_task, resume_mid_task = st["task"], True
         logging.info("resuming from %s: task %d, %s", latest.path, st["task"] + 1,
                      "finished" if st["phase"] == "task_end" else f"{st['epochs_done']} epochs done")
     logging.info(
@@ -323,60 +323,61 @@ def run_experiment(config: Config, workdir: str | os.PathLike, resume: bool = Fa
 
     results = _results(config, scenario, rows) if rows["acc"] else {}
     try:
-        results = _run_tasks(config, scenario, path, method, monitor, checkpoints, latest, rows,
-                             first_task, mid_task, save, results)
+        for task in scenario.tasks[first_task:]:
+            resume_from = latest if resume_mid_task and task.index == first_task else None
+            results = _run_task(config, scenario, path, method, monitor, task, rows, save, resume_from)
     finally:
         monitor.close()  # flush what was written, also when training stops on an error
     logging.info("summary:\n%s", format_summary(results))
     return results
 
 
-def _run_tasks(config, scenario, path, method, monitor, checkpoints, latest, rows, first_task, mid_task, save,
-               results):
+def _run_task(config, scenario, path, method, monitor, task, rows, save, resume_from) -> dict:
+    """One task: begin it (or restore it mid-task from the checkpoint ``resume_from``),
+    train, evaluate, end it, write its outputs and checkpoint; returns the results."""
     T = scenario.num_tasks
-    for task in scenario.tasks[first_task:]:
-        t = task.index
-        start = time.perf_counter()
-        selection = ValidationSelection(method, scenario.tasks[: t + 1], config.eval_every, config.epochs)
-        if mid_task is not None:
-            method.restore_checkpoint(mid_task["method"], latest.arrays, latest.shared, task=task)
-            selection.restore(mid_task["selection"])
-            initial_epoch, before = mid_task["epochs_done"], mid_task["task_elapsed_s"]
-            mid_task = None
-        else:
-            method.begin_task(task)
-            initial_epoch, before = 0, 0.0
-        callbacks = [
-            selection,
-            ProgressLogger(t, T, config.epochs, initial_epoch),
-            monitor.callback(method, task),
-            NonFiniteGuard(t),
-            EpochCheckpoint(lambda done: save("epoch", t, done, selection, before + time.perf_counter() - start)),
-        ]
-        method.train_task(task, callbacks, initial_epoch=initial_epoch)
-        class_il, task_aware = evaluate(method, scenario.tasks[: t + 1], "test")
-        method.end_task(task)
-        grid = write_sample_grid(method, scenario, t, path, config)
-        if config.export:
-            exported = export.export_task(method, scenario, t + 1, path / "export")
-            logging.info("exported %s", ", ".join(f"{k} -> {v}" for k, v in sorted(exported.items())))
-        rows["replay"].append(
-            replay_accuracy(method, scenario, t, REPLAY_EVAL_PER_CLASS, seed=config.seed + 104729 * (t + 1))
-        )
-        rows["wall"].append(round(before + time.perf_counter() - start, 3))
-        rows["acc"].append(class_il)
-        rows["aware"].append(task_aware)
-        rows["best"].append(selection.best_test)
-        rows["summaries"].append(method.task_summary())
-        results = _results(config, scenario, rows)
-        io_utils.atomic_write_json(path / "results.json", results)
-        monitor.task_end(method, t, results, grid, rows["replay"][-1])
-        save("task_end", t, config.epochs, None, rows["wall"][-1])
-        logging.info(
-            "task %d/%d done in %.0fs: A_%d=%.4f  accuracies %s",
-            t + 1, T, rows["wall"][-1], t + 1, results["average_accuracy"][-1],
-            " ".join(f"{a:.3f}" for a in class_il),
-        )
+    t = task.index
+    start = time.perf_counter()
+    selection = ValidationSelection(method, scenario.tasks[: t + 1], config.eval_every, config.epochs)
+    if resume_from is not None:
+        st = resume_from.state
+        method.restore_checkpoint(st["method"], resume_from.arrays, resume_from.shared, task=task)
+        selection.restore(st["selection"])
+        initial_epoch, before = st["epochs_done"], st["task_elapsed_s"]
+    else:
+        method.begin_task(task)
+        initial_epoch, before = 0, 0.0
+    callbacks = [
+        selection,
+        ProgressLogger(t, T, config.epochs, initial_epoch),
+        monitor.callback(method, task),
+        NonFiniteGuard(t),
+        EpochCheckpoint(lambda done: save("epoch", t, done, selection, before + time.perf_counter() - start)),
+    ]
+    method.train_task(task, callbacks, initial_epoch=initial_epoch)
+    class_il, task_aware = evaluate(method, scenario.tasks[: t + 1], "test")
+    method.end_task(task)
+    grid = write_sample_grid(method, scenario, t, path, config)
+    if config.export:
+        exported = export.export_task(method, scenario, t + 1, path / "export")
+        logging.info("exported %s", ", ".join(f"{k} -> {v}" for k, v in sorted(exported.items())))
+    rows["replay"].append(
+        replay_accuracy(method, scenario, t, REPLAY_EVAL_PER_CLASS, seed=config.seed + 104729 * (t + 1))
+    )
+    rows["wall"].append(round(before + time.perf_counter() - start, 3))
+    rows["acc"].append(class_il)
+    rows["aware"].append(task_aware)
+    rows["best"].append(selection.best_test)
+    rows["summaries"].append(method.task_summary())
+    results = _results(config, scenario, rows)
+    io_utils.atomic_write_json(path / "results.json", results)
+    monitor.task_end(method, t, results, grid, rows["replay"][-1])
+    save("task_end", t, config.epochs, None, rows["wall"][-1])
+    logging.info(
+        "task %d/%d done in %.0fs: A_%d=%.4f  accuracies %s",
+        t + 1, T, rows["wall"][-1], t + 1, results["average_accuracy"][-1],
+        " ".join(f"{a:.3f}" for a in class_il),
+    )
     return results
 
 

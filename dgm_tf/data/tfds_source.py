@@ -12,6 +12,7 @@ Only the requested classes are read (``select``), so a 100-class subset of
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -84,8 +85,6 @@ def load_tfds(
             offline instructions), a download that fails, or a dataset without image
             and label features.
     """
-    import os
-
     import tensorflow as tf
     import tensorflow_datasets as tfds
 

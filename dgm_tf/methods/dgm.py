@@ -357,15 +357,7 @@ class DGMw(ContinualMethod):
         keras.utils.set_random_seed(task_seed(cfg.seed, t))
         labels = tuple(task.labels)
         if self.generator is None:
-            self.generator = Generator(
-                nz=cfg.nz,
-                num_code_classes=self.scenario.num_classes,
-                image_channels=self.image_channels,
-                task_widths=[self.initial_widths],
-                task_classes=[labels],
-                name="generator",
-                dtype=cfg.precision,
-            )
+            self.generator = self._new_generator([self.initial_widths], [labels])
         else:
             # Growth and the new task's embedding row, BatchNorm and heads
             # (DESIGN.md §2, end of task, steps 2-4).
@@ -374,9 +366,7 @@ class DGMw(ContinualMethod):
         self._seen_labels += list(labels)
         num_seen = len(self._seen_labels)
         if self.discriminator is None or cfg.reinit_d:
-            self.discriminator = Discriminator(
-                cfg.ndf, num_seen, self.image_channels, name="discriminator", dtype=cfg.precision
-            )
+            self.discriminator = self._new_discriminator(num_seen)
         else:
             self.discriminator = self.discriminator.with_classes(num_seen)
         self.replay = (
@@ -400,6 +390,21 @@ class DGMw(ContinualMethod):
             seed=cfg.seed * 1000 + t,
         )
         self.trainer.compile(self._adam(cfg.lr_d), self._adam(cfg.lr_g))
+        self._set_classifier()
+
+    def _new_generator(self, task_widths, task_classes) -> Generator:
+        cfg = self.config
+        return Generator(
+            nz=cfg.nz, num_code_classes=self.scenario.num_classes, image_channels=self.image_channels,
+            task_widths=task_widths, task_classes=task_classes, name="generator", dtype=cfg.precision,
+        )
+
+    def _new_discriminator(self, num_classes: int) -> Discriminator:
+        cfg = self.config
+        return Discriminator(cfg.ndf, num_classes, self.image_channels, name="discriminator", dtype=cfg.precision)
+
+    def _set_classifier(self) -> None:
+        """The compiled inference function of the current discriminator's class head."""
         discriminator = self.discriminator
         self._classify = tf.function(lambda x: discriminator(x, training=False)[1], reduce_retracing=True)
 
@@ -562,7 +567,6 @@ class DGMw(ContinualMethod):
     def restore_checkpoint(self, state, arrays, shared, task: TaskData | None) -> None:
         """Rebuild from ``checkpoint_state``'s output. ``task``: the task being trained
         when the checkpoint was taken (mid-task), or None (taken after ``end_task``)."""
-        cfg = self.config
 
         def load(prefix, model):
             values = [arrays[f"{prefix}/{i:04d}"] for i in range(len(model.weights))]
@@ -572,14 +576,9 @@ class DGMw(ContinualMethod):
                 v.assign(value)
 
         g = state["generator"]
-        self.generator = Generator(
-            nz=cfg.nz, num_code_classes=self.scenario.num_classes, image_channels=self.image_channels,
-            task_widths=g["task_widths"], task_classes=g["task_classes"], name="generator", dtype=cfg.precision,
-        )
+        self.generator = self._new_generator(g["task_widths"], g["task_classes"])
         load("generator", self.generator)
-        self.discriminator = Discriminator(
-            cfg.ndf, state["num_seen"], self.image_channels, name="discriminator", dtype=cfg.precision
-        )
+        self.discriminator = self._new_discriminator(state["num_seen"])
         load("discriminator", self.discriminator)
         self._seen_labels = list(state["seen_labels"])
         self.reserved_counts = list(state["reserved_counts"])
@@ -601,8 +600,7 @@ class DGMw(ContinualMethod):
                 for i, v in enumerate(opt.variables):
                     v.assign(arrays[f"{prefix}/{i:04d}"])
             self.trainer.rng.reset(arrays["rng_state"])
-        discriminator = self.discriminator
-        self._classify = tf.function(lambda x: discriminator(x, training=False)[1], reduce_retracing=True)
+        self._set_classifier()
 
     # -- inference ----------------------------------------------------------------------
 
