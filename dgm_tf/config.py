@@ -11,7 +11,12 @@ import dataclasses
 import re
 from typing import Any
 
-METHODS = ("dgmw",)
+# DGM's two mask kinds, then the comparison methods (DESIGN.md §5).
+METHODS = ("dgmw", "dgma", "finetune", "joint", "mas")
+DGM_METHODS = ("dgmw", "dgma")
+# Classifier network of the comparison methods: "dgm" is DGM's discriminator trunk with a
+# growing class head (so numbers compare with DGM's); "cnn" a larger CNN.
+CLASSIFIERS = ("dgm", "cnn")
 # Keras dtype policies a run may use. "mixed_bfloat16" computes convolutions in bf16
 # with float32 variables; masks, losses, BN statistics and the optimiser stay float32.
 PRECISIONS = ("float32", "mixed_bfloat16")
@@ -73,6 +78,10 @@ class Config:
     replay: bool = True  # replay generated past classes to the classifier (False: ablation)
     clip_norm: float = 10000.0  # generator gradient-norm clip (reference: clipgrad)
     hat_thres_cosh: float = 50.0  # clamp of s*e in the HAT compensation (reference)
+
+    # Comparison methods (finetune, joint, mas).
+    classifier: str = "dgm"  # see CLASSIFIERS; DGM's classifier is always its discriminator
+    mas_lambda: float = 1.0  # MAS penalty weight (Aljundi et al., ECCV 2018)
 
     def __post_init__(self):
         validate(self)
@@ -140,6 +149,18 @@ def _require(condition: bool, flag: str, message: str) -> None:
 def validate(c: Config) -> None:
     """Raise ConfigError naming the first flag whose value is invalid."""
     _require(c.method in METHODS, "method", f"unknown method {c.method!r}; choose one of {', '.join(METHODS)}")
+    _require(
+        c.classifier in CLASSIFIERS,
+        "classifier",
+        f"unknown classifier {c.classifier!r}; choose one of {', '.join(CLASSIFIERS)}",
+    )
+    _require(
+        c.method not in DGM_METHODS or c.classifier == "dgm",
+        "classifier",
+        f"{c.method} classifies with its discriminator; --classifier={c.classifier} applies to "
+        "finetune, joint and mas only",
+    )
+    _require(c.mas_lambda >= 0, "mas_lambda", f"must be >= 0, got {c.mas_lambda}")
     _require(bool(c.dataset), "dataset", "must not be empty (e.g. embedded, idx:/path/to/dir)")
     _require(c.channels in (0, 1, 3), "channels", f"must be 0 (as stored), 1 or 3, got {c.channels}")
     _require(0.0 < c.test_fraction < 1.0, "test_fraction", f"must be in (0, 1), got {c.test_fraction}")

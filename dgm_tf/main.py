@@ -19,7 +19,7 @@ from dgm_tf.data import DataError  # numpy only; TensorFlow loads with the engin
 _D = Config()  # defaults, shown in --help
 
 flags.DEFINE_string("workdir", None, "Directory for everything the run writes (must be new or empty).")
-flags.DEFINE_string("method", _D.method, "Method: dgmw.")
+flags.DEFINE_string("method", _D.method, "Method: dgmw or dgma (DGM with weight or activation masks), finetune, joint or mas.")
 flags.DEFINE_string("dataset", _D.dataset, "Data source: embedded (packaged Fashion-MNIST sample), idx:<dir>, npz:<file>, "
                     "folder:<dir> or tfds:<name>.")
 flags.DEFINE_string("data_dir", _D.data_dir, "tfds: directory of prepared datasets (empty: TFDS's default).")
@@ -65,6 +65,10 @@ flags.DEFINE_boolean("reinit_d", _D.reinit_d, "Re-initialise the discriminator a
 flags.DEFINE_boolean("replay", _D.replay, "Replay generated past classes to the classifier (--noreplay: ablation).")
 flags.DEFINE_float("clip_norm", _D.clip_norm, "Global-norm clip of generator gradients.")
 flags.DEFINE_float("hat_thres_cosh", _D.hat_thres_cosh, "Clamp of s·e in the HAT gradient compensation.")
+
+flags.DEFINE_string("classifier", _D.classifier, "finetune/joint/mas: the classifier network, dgm (DGM's "
+                    "discriminator trunk with a growing class head) or cnn (a larger CNN).")
+flags.DEFINE_float("mas_lambda", _D.mas_lambda, "mas: weight of the importance-weighted penalty.")
 
 FLAGS = flags.FLAGS
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dgm_tf.config import Config, ConfigError
 from dgm_tf.methods.base import ContinualMethod
-from dgm_tf.methods.dgm import DGMw
+from dgm_tf.methods.dgm import DGMa, DGMw
 
-METHODS: dict[str, type[ContinualMethod]] = {"dgmw": DGMw}
+METHODS: dict[str, type[ContinualMethod]] = {
+    "dgmw": DGMw,
+    "dgma": DGMa,
+}
 
 
 def make_method(config: Config, scenario) -> ContinualMethod:
@@ -18,4 +21,4 @@ def make_method(config: Config, scenario) -> ContinualMethod:
     return cls(config, scenario)
 
 
-__all__ = ["METHODS", "ContinualMethod", "DGMw", "make_method"]
+__all__ = ["METHODS", "ContinualMethod", "DGMa", "DGMw", "make_method"]

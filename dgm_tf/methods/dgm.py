@@ -647,3 +647,9 @@ class DGMw(ContinualMethod):
 
     def task_summary(self) -> dict:
         return dict(self.history[-1]) if self.history else {}
+
+
+class DGMa(DGMw):
+    """DGM with activation masks (work in progress)."""
+
+    name = "dgma"
