@@ -43,3 +43,21 @@ def test_benchmark_rejects_an_unknown_precision(tmp_path):
     )
     assert proc.returncode != 0 and "--precisions" in proc.stderr and "fp8" in proc.stderr
     assert not (tmp_path / "b.json").exists()
+
+
+def test_benchmark_times_dgma_and_refuses_methods_without_a_dgm_iteration(tmp_path):
+    out = tmp_path / "bench.json"
+    common = [
+        sys.executable, "tools/benchmark.py", "--class_order=1,7", "--train_examples_per_class=32",
+        "--batch_size=16", "--nz=16", "--ngf=2", "--ndf=4", "--tasks=1", "--xla=false", "--precisions=float32",
+        "--iterations=1", "--repeats=1", "--warmup=0", f"--output={out}",
+    ]
+    proc = subprocess.run(common + ["--method=dgma"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["results"]
+    # Task 0 reserved some channels, so the generator grew channel by channel.
+    assert row["task"] == 1 and row["iteration_ms"] > 0 and row["replay_images"] > 0
+    assert all(w > w0 for w, w0 in zip(row["generator_widths"], (8, 4, 2)))
+    out.unlink()
+    proc = subprocess.run(common + ["--method=finetune"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--method" in proc.stderr and not out.exists()

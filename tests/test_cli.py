@@ -175,6 +175,17 @@ def test_shipped_flagfiles_parse(tmp_path):
         f"--flagfile={REPO / 'configs' / 'mnist_dgmw.cfg'}", "--epochs=5", f"--workdir={tmp_path}"
     )
     assert over.epochs == 5
+    # The reference's MNIST DGMa row (cfg/cfg_mnist_dgma.yml).
+    dgma = parse_flags(f"--flagfile={REPO / 'configs' / 'mnist_dgma.cfg'}", f"--workdir={tmp_path}")
+    assert dgma.method == "dgma"
+    assert (dgma.ngf, dgma.ndf, dgma.epochs, dgma.batch_size, dgma.seed) == (20, 32, 101, 64, 0)
+    assert (dgma.lr_d, dgma.lr_g, dgma.smax, dgma.lambda_mask, dgma.lambda_gp) == (0.002, 0.002, 1e5, 0.01, 1.0)
+    # The DGMa quickstart differs from the DGMw one only in the generator settings.
+    quick_a = parse_flags(f"--flagfile={REPO / 'configs' / 'quickstart_dgma.cfg'}", f"--workdir={tmp_path}")
+    differ = {k for k, v in quick_a.as_dict().items() if quick.as_dict()[k] != v}
+    assert differ == {"method", "ngf", "smax", "lambda_mask"}
+    svhn = parse_flags(f"--flagfile={REPO / 'configs' / 'svhn_dgma.cfg'}", f"--workdir={tmp_path}")
+    assert (svhn.method, svhn.dataset, svhn.epochs, svhn.seed) == ("dgma", "tfds:svhn_cropped", 151, 100)
 
 
 def test_method_registry_matches_the_names_config_accepts():

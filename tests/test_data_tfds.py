@@ -102,6 +102,7 @@ def test_channels_flag_converts_tfds_images(tmp_path):
     "cfg, tasks, classes_per_task, shape, first_task",
     [
         ("svhn_dgmw.cfg", 10, 1, (32, 32, 3), (0,)),
+        ("svhn_dgma.cfg", 10, 1, (32, 32, 3), (0,)),
         ("cifar10_dgmw.cfg", 10, 1, (32, 32, 3), (0,)),
         ("imagenet32_dgmw.cfg", 10, 10, (32, 32, 3), (449, 390, 497, 469, 483, 489, 401, 409, 410, 419)),
         ("mnist_dgmw.cfg", 10, 1, (32, 32, 1), (0,)),

@@ -122,8 +122,10 @@ def test_class_heads_pick_each_sample_its_own_class():
     assert out.shape == (4, 32, 32, 1)
 
 
-def _generator(widths=((24, 12, 6),), classes=((0,),), nz=128):
-    return Generator(nz=nz, num_code_classes=10, image_channels=1, task_widths=widths, task_classes=classes)
+def _generator(widths=((24, 12, 6),), classes=((0,),), nz=128, mask_kind="weight"):
+    return Generator(
+        nz=nz, num_code_classes=10, image_channels=1, task_widths=widths, task_classes=classes, mask_kind=mask_kind
+    )
 
 
 def test_generator_parameter_count_matches_the_reference_architecture():
@@ -141,9 +143,10 @@ def test_growth_channels_follows_the_reference_rule():
     assert growth_channels([0, 0, 0], (24, 12, 6), nz=128) == (0, 0, 0)
 
 
-def test_generator_growth_keeps_every_earlier_task_output():
+@pytest.mark.parametrize("mask_kind", ["weight", "activation"])
+def test_generator_growth_keeps_every_earlier_task_output(mask_kind):
     keras.utils.set_random_seed(1)
-    g = _generator()
+    g = _generator(mask_kind=mask_kind)
     rng = tf.random.Generator.from_seed(0)
     labels = [tf.fill([6], c) for c in range(3)]
     z = [g.noise(lab, rng) for lab in labels]
@@ -222,3 +225,80 @@ def test_discriminator_shapes_and_head_growth_copies_old_rows():
     np.testing.assert_allclose(critic2.numpy(), critic.numpy(), rtol=1e-6, atol=1e-6)
     # 32 -> 16 -> 8 -> 4 spatial, 4*ndf channels into both heads.
     assert d.class_head.kernel.shape == (4 * 8 * 4 * 4, 2)
+
+
+# -- activation masks (DGMa) -------------------------------------------------------------
+
+
+def test_activation_mask_gates_each_output_channel_before_anything_else():
+    layer = TaskMaskedConv2DTranspose(5, 4, strides=2, padding="same", mask_kind="activation")
+    x = tf.random.stateless_normal([2, 4, 4, 3], seed=[1, 2])
+    layer.build(x.shape)
+    _randomise([layer.kernel, layer.task_embeddings[0]])
+    assert layer.mask_shape == (5,) and layer.task_embeddings[0].shape == (5,)
+    s = 3.0
+    plain = tf.nn.conv2d_transpose(x, layer.kernel, output_shape=[2, 8, 8, 5], strides=2, padding="SAME")
+    gate = 1.0 / (1.0 + np.exp(-s * layer.task_embeddings[0].numpy()))
+    np.testing.assert_allclose(
+        layer(x, task=0, s=s).numpy(), plain.numpy() * gate[None, None, None, :], rtol=1e-5, atol=1e-5
+    )
+    # A channel whose gate is shut outputs exactly zero.
+    e = layer.task_embeddings[0].numpy()
+    e[2] = -90.0
+    layer.task_embeddings[0].assign(e)
+    assert np.all(layer(x, task=0, s=1e5).numpy()[..., 2] == 0.0)
+
+
+def test_activation_masked_growth_blocks_new_channels_for_old_tasks():
+    old = TaskMaskedConv2DTranspose(3, 4, strides=2, padding="same", mask_kind="activation")
+    old.build((None, 4, 4, 2))
+    _randomise([old.kernel, old.task_embeddings[0]])
+    new = _grown_conv(old, add_in=2, add_out=4)
+    assert new.mask_kind == "activation" and new.get_config()["mask_kind"] == "activation"
+    assert [e.shape for e in new.task_embeddings] == [(7,), (7,)]
+    np.testing.assert_array_equal(new.task_embeddings[0].numpy()[:3], old.task_embeddings[0].numpy())
+    assert np.all(new.task_embeddings[0].numpy()[3:] == OLD_TASK_EMBEDDING_ON_NEW_WEIGHTS)
+    assert np.all(new.task_embeddings[1].numpy() == 0.0)
+    x = tf.random.stateless_normal([2, 4, 4, 2], seed=[3, 4])
+    np.testing.assert_array_equal(old(x, task=0, s=7.0).numpy(), new(x, task=0, s=7.0).numpy())
+    weight_masked = TaskMaskedConv2DTranspose(3, 4, strides=2, padding="same")
+    weight_masked.build((None, 4, 4, 2))
+    with pytest.raises(ValueError, match="activation-masked"):
+        new.load_grown_weights(weight_masked)
+
+
+def test_unknown_mask_kind_is_rejected():
+    with pytest.raises(ValueError, match="mask_kind"):
+        TaskMaskedConv2DTranspose(4, 4, mask_kind="channel")
+
+
+def test_dgma_generator_has_channel_masks_and_one_head_per_task():
+    keras.utils.set_random_seed(3)
+    g = _generator(widths=((20, 10, 5),), classes=((0, 1),), mask_kind="activation")
+    assert [tuple(m.shape) for m in g.masks(0, 1.0)] == [(20,), (10,), (5,)]
+    assert len(g.heads.kernels) == 1  # two classes, one head (approaches/DGMa.py)
+    g1 = g.grown((3, 2, 1), (2, 3))
+    assert [tuple(m.shape) for m in g1.masks(1, 1.0)] == [(23,), (12,), (6,)]
+    assert len(g1.heads.kernels) == 2 and g1.heads.kernels[1].shape == (4, 4, 1, 6)
+    head_vars = [v for v in g1.task_trainable_variables(1) if "heads" in v.path]
+    assert head_vars == [g1.heads.kernels[1]]
+    # Same architecture per class under weight masks: one head per class.
+    assert len(_generator(classes=((0, 1),)).heads.kernels) == 2
+
+
+def test_dgma_initialisation_follows_the_reference():
+    """net_DGMa.py: the first kernels are N(0, 0.02) (weights_init); grown kernels are
+    re-drawn Xavier-uniform with ReLU gain (weights_init_g) before the old slice is copied
+    back: the reverse of DGMw's order."""
+    keras.utils.set_random_seed(5)
+    g = _generator(widths=((80, 40, 20),), mask_kind="activation")
+    k2 = g.masked_convs[1].kernel.numpy()
+    assert abs(k2.std() - 0.02) < 0.002
+    g1 = g.grown((40, 20, 10), (1,))
+    k2 = g1.masked_convs[1].kernel.numpy()  # (4, 4, 60, 120)
+    new_part = k2[:, :, 40:, :]
+    bound = np.sqrt(2.0) * np.sqrt(6.0 / (16 * (60 + 120)))
+    assert new_part.max() <= bound and new_part.min() >= -bound
+    assert abs(new_part.std() - bound / np.sqrt(3.0)) < 0.1 * bound
+    dgmw = _generator(widths=((80, 40, 20),))
+    assert dgmw.masked_convs[1].kernel.numpy().std() > 0.03  # Xavier, not N(0, 0.02)

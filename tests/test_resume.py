@@ -203,3 +203,32 @@ def test_flags_text_round_trips_every_config_field():
     assert Config.from_flags_text("# comment\n" + "\n".join(config.to_flags())) == config
     explicit = Config(class_order=(3, 1, 2))
     assert Config.from_flags_text("\n".join(explicit.to_flags())) == explicit
+
+
+def test_dgma_runs_end_to_end_and_resumes_to_the_same_run(tmp_path):
+    """DGMa shares the engine, checkpoints and export with DGMw: a 2-task run killed
+    mid-task resumes to the uninterrupted run, and its generator export serves."""
+    flags = [f for f in FLAGS if not f.startswith("--class_order")] + ["--class_order=1,7", "--method=dgma"]
+    reference = tmp_path / "ref"
+    proc = run_cli(*flags, f"--workdir={reference}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((reference / "results.json").read_text())
+    assert results["method"] == "dgma"
+    state = results["method_state"][0]
+    # Growth adds the channels task 1 newly reserved (approaches/DGMa.py extand_layers).
+    assert state["growth_channels"] == state["newly_reserved"]
+    assert results["method_state"][1]["generator_widths"] == [
+        w + g for w, g in zip(state["generator_widths"], state["growth_channels"])
+    ]
+    workdir = tmp_path / "wd"
+    proc = run_killed("batch:1:1:1", *flags, f"--workdir={workdir}")
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    proc = run_cli(*flags, f"--workdir={workdir}", "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(reference, workdir)
+    import tensorflow as tf
+
+    served = tf.saved_model.load(str(reference / "export" / "generator" / "2")).signatures["serving_default"]
+    out = served(class_ids=tf.constant([1, 7, 7], tf.int64), seed=tf.constant([0, 1, 2], tf.int64))
+    images = next(iter(out.values())).numpy()
+    assert images.shape == (3, 32, 32, 1) and images.dtype == np.uint8 and images.std() > 0

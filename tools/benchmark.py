@@ -128,13 +128,18 @@ def resolve_precisions(requested: list[str]) -> list[str]:
 
 
 def prepare_task_state(config, scenario, task_index: int, reserve_fraction: float, seed: int):
-    """A DGMw method positioned at the start of ``task_index`` without training."""
+    """A DGM method (DGMw or DGMa, as ``config.method`` says) positioned at the start of
+    ``task_index`` without training: each earlier task's mask claims a random
+    ``reserve_fraction`` of its weights (DGMw) or channels (DGMa)."""
     import numpy as np
 
-    from dgm_tf.methods.dgm import DGMw
+    from dgm_tf.config import DGM_METHODS
+    from dgm_tf.methods import make_method
 
+    if config.method not in DGM_METHODS:
+        raise app.UsageError(f"--method: the benchmark times DGM's iteration; choose one of {', '.join(DGM_METHODS)}")
     rng = np.random.default_rng(seed)
-    method = DGMw(config, scenario)
+    method = make_method(config, scenario)
     for task in scenario.tasks[:task_index]:
         method.begin_task(task)
         for conv in method.generator.masked_convs:

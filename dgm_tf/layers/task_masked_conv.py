@@ -1,4 +1,5 @@
-"""Transposed convolution whose kernel is gated by a learnable per-task mask (DGMw)."""
+"""Transposed convolution gated by a learnable per-task mask on its weights (DGMw) or on
+its output channels (DGMa)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,21 @@ import tensorflow as tf
 # SAP/machine-learning-dgm, networks/net_DGMw.py, `expand_embeddings`, fill_(-90)).
 OLD_TASK_EMBEDDING_ON_NEW_WEIGHTS = -90.0
 
+# What a task embedding gates: every kernel weight (DGMw) or every output channel (DGMa).
+MASK_KINDS = ("weight", "activation")
+
 
 @keras.saving.register_keras_serializable(package="dgm_tf")
 class TaskMaskedConv2DTranspose(keras.layers.Layer):
-    """2D transposed convolution with a hard-attention mask per task and per weight.
+    """2D transposed convolution with a hard-attention mask per task.
 
-    Task ``t`` convolves with ``kernel * sigmoid(s * task_embeddings[t])``, one embedding
-    value per kernel weight per task (DGMw, Ostapenko et al., CVPR 2019, Sec. 3.2; the
-    gate is HAT's, Serra et al., ICML 2018). The layer can grow: every task records the
+    ``mask_kind="weight"`` (DGMw): task ``t`` convolves with
+    ``kernel * sigmoid(s * task_embeddings[t])``, one embedding value per kernel weight
+    per task. ``mask_kind="activation"`` (DGMa): task ``t`` multiplies the convolution's
+    output channels by ``sigmoid(s * task_embeddings[t])``, one embedding value per output
+    channel per task (Ostapenko et al., CVPR 2019, Sec. 3.2; the gate is HAT's, Serra et
+    al., ICML 2018). Either way the mask has the shape of ``task_embeddings[t]``
+    (``mask_shape``). The layer can grow: every task records the
     number of output channels that existed when it was learned (``task_filters``), and
     task ``t`` only uses that slice of the kernel, so channels added later never change
     an earlier task's output.
@@ -39,6 +47,7 @@ class TaskMaskedConv2DTranspose(keras.layers.Layer):
             ``filters``. Defaults to ``(filters,)``: one task using everything.
         kernel_initializer: Initializer of the kernel (for a grown layer, of the new
             weights only; the old ones are copied).
+        mask_kind: ``"weight"`` (DGMw) or ``"activation"`` (DGMa), see above.
         dtype: Keras dtype policy. Under ``mixed_bfloat16`` the kernel, embeddings and
             the gate stay float32 (s reaches 1e4, beyond bf16's 8-bit mantissa); only
             the masked kernel and the convolution run in bfloat16. Inputs are never
@@ -62,6 +71,7 @@ class TaskMaskedConv2DTranspose(keras.layers.Layer):
         padding: str = "valid",
         task_filters: Sequence[int] | None = None,
         kernel_initializer="glorot_uniform",
+        mask_kind: str = "weight",
         **kwargs,
     ):
         kwargs["autocast"] = False  # dtypes handled explicitly in call()
@@ -79,6 +89,9 @@ class TaskMaskedConv2DTranspose(keras.layers.Layer):
                 f"got {self.task_filters}"
             )
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        if mask_kind not in MASK_KINDS:
+            raise ValueError(f"mask_kind must be one of {MASK_KINDS}, got {mask_kind!r}")
+        self.mask_kind = mask_kind
 
     @property
     def num_tasks(self) -> int:
@@ -93,16 +106,13 @@ class TaskMaskedConv2DTranspose(keras.layers.Layer):
             shape=(k, k, self.filters, in_channels),
             initializer=self.kernel_initializer,
         )
-        # One real value per kernel weight per task, initialised to 0 (reference:
-        # `self.ec.weight.data.fill_(0)`). One variable per task (the reference keeps one
-        # table): training task t touches only its own row, so the optimizer and the HAT
-        # compensation need not visit the frozen rows of earlier tasks.
+        # One real value per kernel weight (or output channel) per task, initialised to
+        # 0 (reference: `self.ec.weight.data.fill_(0)` in net_DGMw.py and net_DGMa.py).
+        # One variable per task (the reference keeps one table): training task t touches
+        # only its own row, so the optimizer and the HAT compensation need not visit the
+        # frozen rows of earlier tasks.
         self.task_embeddings = [
-            self.add_weight(
-                name=f"task_embedding_{t}",
-                shape=(k, k, self.filters, in_channels),
-                initializer="zeros",
-            )
+            self.add_weight(name=f"task_embedding_{t}", shape=self.mask_shape, initializer="zeros")
             for t in range(self.num_tasks)
         ]
 
@@ -110,8 +120,15 @@ class TaskMaskedConv2DTranspose(keras.layers.Layer):
     def input_channels(self) -> int:
         return int(self.kernel.shape[-1])
 
+    @property
+    def mask_shape(self) -> tuple[int, ...]:
+        """Shape of one task's mask: the kernel's (k, k, out, in), or (out,)."""
+        if self.mask_kind == "activation":
+            return (self.filters,)
+        return tuple(int(d) for d in self.kernel.shape)
+
     def mask(self, task: int, s) -> tf.Tensor:
-        """sigmoid(s * e_task) over the full current kernel shape."""
+        """sigmoid(s * e_task) over the full current mask shape."""
         embedding = self.task_embeddings[task]
         return tf.sigmoid(tf.cast(s, embedding.dtype) * embedding)
 
@@ -119,9 +136,19 @@ class TaskMaskedConv2DTranspose(keras.layers.Layer):
         out_w = self.task_filters[task]
         in_w = int(inputs.shape[-1])
         kernel = self.kernel[:, :, :out_w, :in_w]
-        gate = tf.sigmoid(
-            tf.cast(s, kernel.dtype) * self.task_embeddings[task][:, :, :out_w, :in_w]
-        )
+        embedding = self.task_embeddings[task]
+        if self.mask_kind == "activation":
+            outputs = keras.ops.conv_transpose(
+                tf.cast(inputs, self.compute_dtype),
+                tf.cast(kernel, self.compute_dtype),
+                strides=self.strides,
+                padding=self.padding,
+            )
+            # The gate multiplies the output before BatchNorm (reference:
+            # networks/net_DGMa.py, netG.forward: x = x * gc1[:, :cap]).
+            gate = tf.sigmoid(tf.cast(s, embedding.dtype) * embedding[:out_w])
+            return outputs * tf.cast(gate, self.compute_dtype)
+        gate = tf.sigmoid(tf.cast(s, kernel.dtype) * embedding[:, :, :out_w, :in_w])
         return keras.ops.conv_transpose(
             tf.cast(inputs, self.compute_dtype),
             tf.cast(kernel * gate, self.compute_dtype),
@@ -146,6 +173,7 @@ class TaskMaskedConv2DTranspose(keras.layers.Layer):
             padding=self.padding,
             task_filters=list(self.task_filters),
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+            mask_kind=self.mask_kind,
         )
         return config
 
@@ -171,16 +199,20 @@ class TaskMaskedConv2DTranspose(keras.layers.Layer):
 
         The old kernel goes into the leading slice; new weights keep this layer's fresh
         initialisation. Every task ``old`` knew keeps its embedding on the old weights
-        and gets -90 on the new ones; tasks ``old`` did not know keep 0 everywhere.
+        (channels) and gets -90 on the new ones; tasks ``old`` did not know keep 0
+        everywhere.
         """
         old_k = old.kernel.numpy()
         k, _, o, i = old_k.shape
         if not (self.filters >= o and self.input_channels >= i and self.num_tasks >= old.num_tasks):
             raise ValueError("load_grown_weights needs a layer at least as large as the old one")
+        if self.mask_kind != old.mask_kind:
+            raise ValueError(f"cannot grow a {old.mask_kind}-masked layer into a {self.mask_kind}-masked one")
         kernel = self.kernel.numpy()
         kernel[:, :, :o, :i] = old_k
         self.kernel.assign(kernel)
+        old_slice = tuple(slice(0, int(d)) for d in old.mask_shape)
         for t, old_embedding in enumerate(old.task_embeddings):
-            emb = np.full(self.kernel.shape, OLD_TASK_EMBEDDING_ON_NEW_WEIGHTS, np.float32)
-            emb[:, :, :o, :i] = old_embedding.numpy()
+            emb = np.full(self.mask_shape, OLD_TASK_EMBEDDING_ON_NEW_WEIGHTS, np.float32)
+            emb[old_slice] = old_embedding.numpy()
             self.task_embeddings[t].assign(emb)

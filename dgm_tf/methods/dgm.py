@@ -1,9 +1,10 @@
-"""Dynamic Generative Memory with weight masks (DGMw).
+"""Dynamic Generative Memory with weight masks (DGMw) or activation masks (DGMa).
 
 Ostapenko, Puscas, Klein, Jähnichen, Nabi: "Learning to Remember: A Synaptic Plasticity
 Driven Framework for Continual Learning", CVPR 2019. The semantics follow the authors'
-code (SAP/machine-learning-dgm, approaches/DGMw.py); ``../shared/DESIGN.md`` §2 lists
-them. One training iteration on task t, for one real batch:
+code (SAP/machine-learning-dgm, approaches/DGMw.py and DGMa.py); ``../shared/DESIGN.md``
+§2 lists them. One training iteration on task t, for one real batch, the same for both
+mask kinds:
 
 1. replay-classifier updates: the real batch plus a batch-sized slice of every past
    task's replay set, shuffled together and cut into t+1 chunks, one cross-entropy step
@@ -11,6 +12,11 @@ them. One training iteration on task t, for one real batch:
 2. the WGAN-GP critic update on real data of task t;
 3. the generator update with the mask regulariser; gradients of reserved weights
    zeroed, HAT compensation of embedding gradients, global-norm clipping, Adam.
+
+The two variants differ only in what a mask gates and what follows from it, all outside
+the training step: the mask's shape (``TaskMaskedConv2DTranspose``), which kernel
+weights count as reserved (``kernel_gradient_masks``), the s schedule (per batch for
+DGMw, per epoch for DGMa) and the growth rule.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import tensorflow as tf
 from dgm_tf.config import Config
 from dgm_tf.data import Scenario, TaskData
 from dgm_tf.methods.base import ContinualMethod
-from dgm_tf.models import Discriminator, Generator, growth_channels
+from dgm_tf.models import Discriminator, Generator, activation_growth_channels, growth_channels
 
 # Numerical floor inside the square root of the gradient-penalty norm: keeps the
 # gradient of ||g|| finite where g == 0 (PyTorch's norm backward returns 0 there).
@@ -44,15 +50,21 @@ def task_seed(seed: int, task: int) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def s_schedule(epoch: int, epochs: int, offset: int, num_examples: int, smax: float) -> tuple[float, float]:
+def s_schedule(
+    epoch: int, epochs: int, offset: int, num_examples: int, smax: float, per_batch: bool = True
+) -> tuple[float, float]:
     """The mask scale (s_epoch, s) for the batch starting at example ``offset``.
 
     Per epoch ``s_ep = (smax - 1/smax) * epoch / epochs + 1/smax``; inside the epoch
-    ``s = (s_ep - 1/s_ep) * offset / num_examples + 1/s_ep`` (reference:
-    approaches/DGMw.py, ``s_g_max`` and ``s_g``). While s_ep < 1 the inner ramp runs
-    from 1/s_ep *down* to s_ep; the reference does exactly that and so do we.
+    (``per_batch``, DGMw) ``s = (s_ep - 1/s_ep) * offset / num_examples + 1/s_ep``
+    (reference: approaches/DGMw.py, ``s_g_max`` and ``s_g``). While s_ep < 1 the inner
+    ramp runs from 1/s_ep *down* to s_ep; the reference does exactly that and so do we.
+    Without ``per_batch`` (DGMa) s = s_ep for the whole epoch (approaches/DGMa.py:
+    ``s_g = s_g_max``), which makes the HAT factor's s_ep / s equal 1.
     """
     s_ep = (smax - 1.0 / smax) * epoch / epochs + 1.0 / smax
+    if not per_batch:
+        return s_ep, s_ep
     s = (s_ep - 1.0 / s_ep) * offset / num_examples + 1.0 / s_ep
     return s_ep, s
 
@@ -100,8 +112,32 @@ def update_reserved(reserved: list[np.ndarray] | None, masks_at_smax: Sequence[n
     return [np.maximum(r, b) for r, b in zip(reserved, binary)]
 
 
+def kernel_gradient_masks(
+    mask_kind: str, reserved: Sequence[np.ndarray], kernel_shapes: Sequence[tuple[int, ...]]
+) -> list[np.ndarray]:
+    """Per masked layer, the 0/1 factor applied to the kernel's gradient (0: reserved).
+
+    Weight masks (DGMw): ``1 - reserved`` (approaches/DGMw.py ``mask_back_G``).
+    Activation masks (DGMa): a weight is reserved when both the output channel it
+    writes and the input channel it reads are reserved, ``1 - min(post[out], pre[in])``
+    with ``pre`` the previous masked layer's reserved channels; the first layer reads
+    the noise, whose entries all count as reserved, so its factor is ``1 - post``
+    (networks/net_DGMa.py ``get_view_for``; HAT, Serra et al., ICML 2018, Eq. 4).
+    Kernels are (k, k, out, in).
+    """
+    if mask_kind == "weight":
+        return [(1.0 - np.asarray(r, np.float32)) for r in reserved]
+    factors = []
+    for layer, (post, shape) in enumerate(zip(reserved, kernel_shapes)):
+        pre = np.ones(shape[3], np.float32) if layer == 0 else np.asarray(reserved[layer - 1], np.float32)
+        both = np.minimum(np.asarray(post, np.float32)[:, None], pre[None, :])
+        factors.append(np.broadcast_to(1.0 - both, shape).astype(np.float32))
+    return factors
+
+
 def pad_reserved(reserved: Sequence[np.ndarray], shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
-    """Zero-pad reserved masks (k, k, out, in) to grown kernel shapes: new weights are free."""
+    """Zero-pad reserved masks (weight- or channel-shaped) to grown mask shapes: new
+    weights and channels are free."""
     padded = []
     for r, shape in zip(reserved, shapes):
         pad = [(0, int(n) - int(o)) for n, o in zip(shape, r.shape)]
@@ -136,6 +172,7 @@ class DGMTaskTrainer(keras.Model):
         *,
         task: int,
         reserved: Sequence[np.ndarray] | None,
+        kernel_grad_masks: Sequence[np.ndarray] | None,
         lambda_mask: float,
         lambda_gp: float,
         aux_g: bool,
@@ -153,6 +190,9 @@ class DGMTaskTrainer(keras.Model):
         self.clip_norm = float(clip_norm)
         self.thres_cosh = float(thres_cosh)
         self.reserved = None if reserved is None else [tf.constant(r, tf.float32) for r in reserved]
+        self.kernel_grad_masks = (
+            None if kernel_grad_masks is None else [tf.constant(m, tf.float32) for m in kernel_grad_masks]
+        )
         self.s = tf.Variable(1.0, trainable=False, dtype=tf.float32, name="s")
         self.s_epoch = tf.Variable(1.0, trainable=False, dtype=tf.float32, name="s_epoch")
         self.rng = tf.random.Generator.from_seed(seed)
@@ -258,8 +298,8 @@ class DGMTaskTrainer(keras.Model):
         """Zero gradients of reserved weights; HAT-compensate embedding gradients."""
         grads = list(grads)
         for layer, (ki, ei) in enumerate(zip(self._kernel_index, self._embedding_index)):
-            if self.reserved is not None:
-                grads[ki] = grads[ki] * (1.0 - self.reserved[layer])
+            if self.kernel_grad_masks is not None:
+                grads[ki] = grads[ki] * self.kernel_grad_masks[layer]
             grads[ei] = grads[ei] * hat_embedding_gradient_scale(
                 self.g_variables[ei], self.s, self.s_epoch, self.thres_cosh
             )
@@ -304,18 +344,24 @@ class DGMTaskTrainer(keras.Model):
 class MaskScaleSchedule(keras.callbacks.Callback):
     """Assigns s and s_epoch before every batch (see ``s_schedule``)."""
 
-    def __init__(self, trainer: DGMTaskTrainer, epochs: int, num_examples: int, batch_size: int, smax: float):
+    def __init__(
+        self, trainer: DGMTaskTrainer, epochs: int, num_examples: int, batch_size: int, smax: float,
+        per_batch: bool = True,
+    ):
         super().__init__()
         self.trainer = trainer
         self.epochs, self.num_examples = epochs, num_examples
         self.batch_size, self.smax = batch_size, smax
+        self.per_batch = per_batch
         self._epoch = 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
 
     def on_train_batch_begin(self, batch, logs=None):
-        s_ep, s = s_schedule(self._epoch, self.epochs, batch * self.batch_size, self.num_examples, self.smax)
+        s_ep, s = s_schedule(
+            self._epoch, self.epochs, batch * self.batch_size, self.num_examples, self.smax, self.per_batch
+        )
         self.trainer.s_epoch.assign(s_ep)
         self.trainer.s.assign(s)
 
@@ -325,10 +371,16 @@ class MaskScaleSchedule(keras.callbacks.Callback):
 # --------------------------------------------------------------------------------------
 
 
-class DGMw(ContinualMethod):
-    """DGM with weight masks: task loop hooks around ``DGMTaskTrainer``."""
+class DGM(ContinualMethod):
+    """DGM's task-loop hooks around ``DGMTaskTrainer``, for either mask kind.
 
-    name = "dgmw"
+    Subclasses set ``name`` and ``mask_kind``; everything else is shared.
+    """
+
+    name = "dgm"
+    mask_kind = "weight"  # "weight" (DGMw) or "activation" (DGMa)
+    # DGMw anneals s within every epoch, DGMa once per epoch (DESIGN.md §2).
+    s_per_batch = True
 
     def __init__(self, config: Config, scenario: Scenario):
         super().__init__(config, scenario)
@@ -362,7 +414,7 @@ class DGMw(ContinualMethod):
             # Growth and the new task's embedding row, BatchNorm and heads
             # (DESIGN.md §2, end of task, steps 2-4).
             self.generator = self.generator.grown(self.pending_growth, labels)
-            self.reserved = pad_reserved(self.reserved, [tuple(c.kernel.shape) for c in self.generator.masked_convs])
+            self.reserved = pad_reserved(self.reserved, [c.mask_shape for c in self.generator.masked_convs])
         self._seen_labels += list(labels)
         num_seen = len(self._seen_labels)
         if self.discriminator is None or cfg.reinit_d:
@@ -382,6 +434,9 @@ class DGMw(ContinualMethod):
             self.discriminator,
             task=t,
             reserved=self.reserved,
+            kernel_grad_masks=None if self.reserved is None else kernel_gradient_masks(
+                self.mask_kind, self.reserved, [tuple(c.kernel.shape) for c in self.generator.masked_convs]
+            ),
             lambda_mask=scaled_lambda_mask(cfg.lambda_mask, self.generator.widths, self.initial_widths),
             lambda_gp=cfg.lambda_gp,
             aux_g=cfg.aux_g,
@@ -396,7 +451,8 @@ class DGMw(ContinualMethod):
         cfg = self.config
         return Generator(
             nz=cfg.nz, num_code_classes=self.scenario.num_classes, image_channels=self.image_channels,
-            task_widths=task_widths, task_classes=task_classes, name="generator", dtype=cfg.precision,
+            task_widths=task_widths, task_classes=task_classes, mask_kind=self.mask_kind, name="generator",
+            dtype=cfg.precision,
         )
 
     def _new_discriminator(self, num_classes: int) -> Discriminator:
@@ -477,7 +533,9 @@ class DGMw(ContinualMethod):
         """Epochs ``initial_epoch`` .. epochs-1, one ``fit`` call per epoch (each on that
         epoch's dataset; the traced step is reused)."""
         cfg = self.config
-        schedule = MaskScaleSchedule(self.trainer, cfg.epochs, len(task.x_train), cfg.batch_size, cfg.smax)
+        schedule = MaskScaleSchedule(
+            self.trainer, cfg.epochs, len(task.x_train), cfg.batch_size, cfg.smax, per_batch=self.s_per_batch
+        )
         for epoch in range(initial_epoch, cfg.epochs):
             self.trainer.fit(
                 self.train_dataset(task, epoch),
@@ -496,7 +554,10 @@ class DGMw(ContinualMethod):
         counts = [int(r.sum()) for r in self.reserved]
         newly = [c - p for c, p in zip(counts, self.reserved_counts)]
         self.reserved_counts = counts
-        self.pending_growth = growth_channels(newly, self.generator.widths, self.config.nz)
+        if self.mask_kind == "weight":
+            self.pending_growth = growth_channels(newly, self.generator.widths, self.config.nz)
+        else:
+            self.pending_growth = activation_growth_channels(newly)
         sizes = [int(np.prod(r.shape)) for r in self.reserved]
         self.history.append(
             {
@@ -649,7 +710,18 @@ class DGMw(ContinualMethod):
         return dict(self.history[-1]) if self.history else {}
 
 
-class DGMa(DGMw):
-    """DGM with activation masks (work in progress)."""
+class DGMw(DGM):
+    """DGM with weight masks: one embedding value per generator weight per task."""
+
+    name = "dgmw"
+    mask_kind = "weight"
+    s_per_batch = True
+
+
+class DGMa(DGM):
+    """DGM with activation masks: one embedding value per output channel per task
+    (reference: approaches/DGMa.py, networks/net_DGMa.py)."""
 
     name = "dgma"
+    mask_kind = "activation"
+    s_per_batch = False

@@ -15,15 +15,39 @@ KERNEL_SIZE = 4
 NUM_MASKED_LAYERS = 3
 
 
-def initial_kernel_initializer():
+def _xavier_relu():
     """Xavier-uniform with ReLU gain sqrt(2) (reference: utils/utils.py ``weights_init_g``)."""
     return keras.initializers.VarianceScaling(scale=2.0, mode="fan_avg", distribution="uniform")
 
 
-def growth_kernel_initializer():
-    """N(0, 0.02) for weights added by growth (reference: ``Plastic_ConvTranspose2d.expand``
-    re-applies ``weights_init``, which draws conv weights from N(0, 0.02))."""
+def _normal_002():
+    """N(0, 0.02) (reference: utils/utils.py ``weights_init`` for convolutions)."""
     return keras.initializers.RandomNormal(mean=0.0, stddev=0.02)
+
+
+def initial_kernel_initializer(mask_kind: str = "weight"):
+    """Kernel init of the first task's generator.
+
+    DGMw: Xavier-uniform with ReLU gain (net_DGMw.py applies ``weights_init_g``). DGMa:
+    N(0, 0.02) (net_DGMa.py's netG ends its constructor with ``self.apply(weights_init)``).
+    """
+    return _xavier_relu() if mask_kind == "weight" else _normal_002()
+
+
+def growth_kernel_initializer(mask_kind: str = "weight"):
+    """Init of weights added by growth: the reverse of the initial one in the reference.
+
+    DGMw: N(0, 0.02) (``Plastic_ConvTranspose2d.expand`` re-applies ``weights_init``).
+    DGMa: Xavier-uniform with ReLU gain over the grown kernel (net_DGMa.py
+    ``ConvTranspose2d.extand`` applies ``weights_init_g``).
+    """
+    return _normal_002() if mask_kind == "weight" else _xavier_relu()
+
+
+def activation_growth_channels(newly_reserved: Sequence[int]) -> tuple[int, ...]:
+    """DGMa: each layer gains as many output channels as the last task newly reserved
+    (reference: approaches/DGMa.py ``extand_layers``)."""
+    return tuple(int(n) for n in newly_reserved)
 
 
 def growth_channels(
@@ -55,12 +79,15 @@ def growth_channels(
 
 @keras.saving.register_keras_serializable(package="dgm_tf")
 class Generator(keras.Model):
-    """Conditional DCGAN generator with DGMw task masks (32x32 images in [-1, 1]).
+    """Conditional DCGAN generator with DGM task masks (32x32 images in [-1, 1]).
 
     ``z`` (size ``nz``) carries a one-hot class code in its first ``num_code_classes``
     entries. Three 4x4 transposed convolutions (1->4->8->16 spatial, widths 4·ngf,
     2·ngf, ngf initially, no bias), each masked per task, followed by that task's
-    BatchNorm and ReLU; then the class's own output head and tanh.
+    BatchNorm and ReLU; then an output head and tanh. With weight masks (DGMw) every
+    class has its own head (reference: approaches/DGMw.py appends one per class); with
+    activation masks (DGMa) every task has one, shared by its classes (approaches/DGMa.py
+    appends one per task).
 
     The architecture is fully described by its config: ``task_widths[t]`` are the three
     layer widths task ``t`` uses, ``task_classes[t]`` its model labels. ``grown`` returns
@@ -72,6 +99,7 @@ class Generator(keras.Model):
         image_channels: 1 (grayscale) or 3 (RGB).
         task_widths: Per task, the output channels of the three masked layers.
         task_classes: Per task, the model labels of its classes.
+        mask_kind: ``"weight"`` (DGMw) or ``"activation"`` (DGMa).
         dtype: Keras dtype policy (``"float32"`` or ``"mixed_bfloat16"``), given to every
             layer. Variables, masks, noise and BN statistics stay float32; images come
             out float32 whatever the policy.
@@ -87,6 +115,7 @@ class Generator(keras.Model):
         image_channels: int,
         task_widths: Sequence[Sequence[int]],
         task_classes: Sequence[Sequence[int]],
+        mask_kind: str = "weight",
         **kwargs,
     ):
         # No input auto-cast: s must reach the masks in float32 (see the layers).
@@ -97,6 +126,7 @@ class Generator(keras.Model):
         self.image_channels = int(image_channels)
         self.task_widths = tuple(tuple(int(w) for w in ws) for ws in task_widths)
         self.task_classes = tuple(tuple(int(c) for c in cs) for cs in task_classes)
+        self.mask_kind = mask_kind
         if len(self.task_widths) != len(self.task_classes) or not self.task_widths:
             raise ValueError("task_widths and task_classes need one entry per task")
         if self.nz < self.num_code_classes:
@@ -106,7 +136,7 @@ class Generator(keras.Model):
             raise ValueError(f"task classes must be labels 0, 1, 2, ... in order, got {labels}")
 
         first = self.num_tasks == 1
-        kernel_init = initial_kernel_initializer() if first else growth_kernel_initializer()
+        kernel_init = initial_kernel_initializer(mask_kind) if first else growth_kernel_initializer(mask_kind)
         # The reference re-initialises only the first task's BatchNorms with N(1, 0.02)
         # (weights_init); later tasks' BatchNorms keep the default of its pinned PyTorch
         # 1.0, gamma ~ U(0, 1) (ones only from PyTorch 1.2 on).
@@ -126,6 +156,7 @@ class Generator(keras.Model):
                     padding=padding,
                     task_filters=per_layer[l],
                     kernel_initializer=kernel_init,
+                    mask_kind=mask_kind,
                     name=f"conv{l + 1}",
                     dtype=self.dtype_policy,
                 )
@@ -135,15 +166,24 @@ class Generator(keras.Model):
                     per_layer[l], gamma_initializer=gamma_init, name=f"bn{l + 1}", dtype=self.dtype_policy
                 )
             )
-        class_inputs = [
-            self.task_widths[t][-1] for t, cs in enumerate(self.task_classes) for _ in cs
-        ]
-        self.heads = ClassOutputHeads(class_inputs, self.image_channels, name="heads", dtype=self.dtype_policy)
+        if self.head_per_task:
+            head_inputs = [widths[-1] for widths in self.task_widths]
+        else:
+            head_inputs = [self.task_widths[t][-1] for t, cs in enumerate(self.task_classes) for _ in cs]
+        self.heads = ClassOutputHeads(head_inputs, self.image_channels, name="heads", dtype=self.dtype_policy)
         self.build((None, self.nz))
 
     @property
     def num_tasks(self) -> int:
         return len(self.task_widths)
+
+    @property
+    def head_per_task(self) -> bool:
+        """One output head per task (DGMa) instead of one per class (DGMw)."""
+        return self.mask_kind == "activation"
+
+    def _heads_of(self, task: int) -> tuple[int, ...]:
+        return (task,) if self.head_per_task else self.task_classes[task]
 
     @property
     def widths(self) -> tuple[int, int, int]:
@@ -166,11 +206,12 @@ class Generator(keras.Model):
             x = conv(x, task=task, s=s)
             x = bn(x, task=task, training=training)
             x = tf.nn.relu(x)
-        x = self.heads(x, labels=labels, classes=self.task_classes[task])
+        x = self.heads(x, labels=labels, classes=self._heads_of(task))
         return tf.cast(tf.tanh(x), tf.float32)
 
     def masks(self, task: int, s) -> list[tf.Tensor]:
-        """Task ``task``'s masks sigmoid(s·e) of the three layers, full current shapes."""
+        """Task ``task``'s masks sigmoid(s·e) of the three layers, full current shapes
+        (kernel-shaped for weight masks, one value per channel for activation masks)."""
         return [conv.mask(task, s) for conv in self.masked_convs]
 
     def task_of_label(self, label: int) -> int:
@@ -185,7 +226,7 @@ class Generator(keras.Model):
         for conv, bn in zip(self.masked_convs, self.batch_norms):
             variables += [conv.kernel, conv.task_embeddings[task]]
             variables += bn.task_variables(task)
-        variables += [self.heads.kernels[c] for c in self.task_classes[task]]
+        variables += [self.heads.kernels[h] for h in self._heads_of(task)]
         return variables
 
     def noise(self, labels, rng: tf.random.Generator) -> tf.Tensor:
@@ -215,6 +256,7 @@ class Generator(keras.Model):
             "image_channels": self.image_channels,
             "task_widths": [list(w) for w in self.task_widths],
             "task_classes": [list(c) for c in self.task_classes],
+            "mask_kind": self.mask_kind,
             "dtype": self.dtype_policy.name,
         }
 
@@ -232,6 +274,7 @@ class Generator(keras.Model):
             image_channels=self.image_channels,
             task_widths=self.task_widths + (new_widths,),
             task_classes=self.task_classes + (tuple(new_task_classes),),
+            mask_kind=self.mask_kind,
             name=self.name,
             dtype=self.dtype_policy.name,
         )
