@@ -7,7 +7,9 @@ versions:
   values (step = global iteration); ``task_<t>/epoch/<name>`` the epoch means (step =
   global epoch). Names: d_loss, g_loss, gradient_penalty, wasserstein, c_loss, c_acc,
   c_loss_real, c_acc_real, c_loss_replay, c_acc_replay (epochs only; task 1 has no
-  replay), mask_reg, s, lambda_mask (after its size scaling), val_acc.
+  replay), mask_reg, s, lambda_mask (after its size scaling), val_acc; the comparison
+  methods log c_loss, c_acc, loss (cross-entropy + penalty), mas_penalty (MAS) and,
+  for joint, c_*_real (current task) and c_*_replay (stored earlier tasks).
 * ``task_<t>/masks/<layer>`` histograms of the task's mask values each epoch (they
   should go to 0/1 as s rises); ``task_<t>/samples`` generated images of every seen
   class every ``--eval_every`` epochs; ``task_<t>/real_vs_replay`` (first row real, then
@@ -37,7 +39,7 @@ from dgm_tf import io_utils
 
 _EPOCH_KEYS = (
     "d_loss", "g_loss", "gradient_penalty", "wasserstein", "c_loss", "c_acc", "c_loss_real", "c_acc_real",
-    "c_loss_replay", "c_acc_replay", "mask_reg", "s", "lambda_mask", "val_acc",
+    "c_loss_replay", "c_acc_replay", "mask_reg", "s", "lambda_mask", "val_acc", "loss", "mas_penalty",
 )
 _STEP_SUFFIX = "_step"
 

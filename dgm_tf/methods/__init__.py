@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dgm_tf.config import Config, ConfigError
 from dgm_tf.methods.base import ContinualMethod
+from dgm_tf.methods.baselines import MAS, FineTune, Joint
 from dgm_tf.methods.dgm import DGMa, DGMw
 
 METHODS: dict[str, type[ContinualMethod]] = {
     "dgmw": DGMw,
     "dgma": DGMa,
+    "finetune": FineTune,
+    "joint": Joint,
+    "mas": MAS,
 }
 
 

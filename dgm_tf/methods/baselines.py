@@ -1,0 +1,463 @@
+"""Comparison methods on DGM's engine: fine-tune (lower bound), joint (upper bound), MAS.
+
+All three train one classifier, class-incrementally with a single head: the head has a
+logit per class seen so far and the loss is the cross-entropy over all of them. Per
+task: Adam(lr_d, beta1, beta2, epsilon 1e-8), made fresh (as DGM's classifier), batch
+``batch_size``, ``epochs`` epochs. They differ only in the data of an epoch and in the
+loss:
+
+* ``FineTune``: the task's own training data; cross-entropy.
+* ``Joint``: the training data of every task so far (the method keeps earlier tasks'
+  real training images); cross-entropy.
+* ``MAS``: the task's own data; cross-entropy + the MAS penalty (``dgm_tf.methods.mas``).
+
+The classifier (``--classifier``): ``dgm`` is DGM's own ``Discriminator`` — its
+auxiliary class head is the classifier, its trunk the same network at the same
+``ndf`` — so the numbers compare with DGM's classifier. The critic head stays in the
+model (one linear unit, built and grown with it) but is neither trained, nor part of
+MAS's parameters, nor used by the logits; reusing the class whole keeps one definition
+of the trunk, its initialisation and its head growth (``with_classes``) instead of a
+copy that could drift. ``cnn`` is the larger ``CNNClassifier``.
+
+Keras 3 locks built layers, so a grown head is a new network (``with_classes``: trunk
+and old class rows copied) and the per-task trainer is made anew after growth (a
+trainer traced before growth would keep training the old variables).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Callable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from dgm_tf.config import Config, ConfigError
+from dgm_tf.data import Scenario, TaskData
+from dgm_tf.methods.base import ContinualMethod
+from dgm_tf.methods.dgm import task_seed
+from dgm_tf.methods.mas import accumulate_importance, mas_importance, mas_penalty, pad_like
+from dgm_tf.models import Discriminator
+from dgm_tf.models.classifier import CNNClassifier
+
+_DATA_STREAM = 13  # keys the baselines' per-epoch data order apart from other seeded streams
+
+
+# --------------------------------------------------------------------------------------
+# The classifier networks behind --classifier.
+# --------------------------------------------------------------------------------------
+
+
+def build_classifier(kind: str, ndf: int, num_classes: int, image_channels: int, image_size: int = 32,
+                     dtype: str = "float32") -> keras.Model:
+    """A fresh classifier network: ``dgm`` (DGM's discriminator) or ``cnn``."""
+    if kind == "dgm":
+        return Discriminator(ndf, num_classes, image_channels, image_size, name="classifier", dtype=dtype)
+    if kind == "cnn":
+        return CNNClassifier(ndf, num_classes, image_channels, image_size, name="classifier", dtype=dtype)
+    raise ConfigError(f"--classifier: unknown classifier {kind!r}; choose dgm or cnn")
+
+
+def network_logits(network: keras.Model, images, training: bool):
+    """Logits over the seen classes (float32); the discriminator's critic output is dropped."""
+    out = network(images, training=training)
+    return out[1] if isinstance(network, Discriminator) else out
+
+
+def classifier_variables(network: keras.Model) -> list:
+    """The trainable parameters the logits depend on (the discriminator's critic head excluded)."""
+    if isinstance(network, Discriminator):
+        critic = {id(v) for v in network.critic_head.weights}
+        return [v for v in network.trainable_variables if id(v) not in critic]
+    return list(network.trainable_variables)
+
+
+# --------------------------------------------------------------------------------------
+# The per-task Keras model whose train_step is one classifier update.
+# --------------------------------------------------------------------------------------
+
+
+class ClassifierTaskTrainer(keras.Model):
+    """One cross-entropy step (plus an optional penalty) per batch, for one task.
+
+    Inputs per step: ``{"x", "y", "is_replay"}``; ``is_replay`` (1.0 for a stored
+    sample of an earlier task) only splits the reported loss and accuracy.
+
+    Args:
+        network: The classifier (its variables are trained).
+        task: Task index (names the trainer).
+        penalty: ``() -> scalar`` added to the cross-entropy (MAS), or None.
+        penalty_name: Log key of the penalty.
+        split_replay: Report ``c_loss_real``/``c_loss_replay`` (and accuracies).
+    """
+
+    def __init__(self, network: keras.Model, *, task: int, penalty: Callable[[], tf.Tensor] | None = None,
+                 penalty_name: str = "penalty", split_replay: bool = False):
+        super().__init__(name=f"classifier_task_{task}")
+        self.network = network
+        self.task = int(task)
+        self.penalty = penalty
+        self.penalty_name = penalty_name
+        self.split_replay = bool(split_replay)
+        self.c_variables = classifier_variables(network)
+        names = ["loss", "c_loss", "c_acc"]
+        if penalty is not None:
+            names.append(penalty_name)
+        if split_replay:
+            names += ["c_loss_real", "c_acc_real", "c_loss_replay", "c_acc_replay"]
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
+        self.built = True
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def compile(self, optimizer):
+        super().compile(optimizer=optimizer, jit_compile=False)
+        # Slots for the classifier's variables only, built now (outside the trace).
+        self.optimizer.build(self.c_variables)
+
+    def train_step(self, data):
+        x, y, is_replay = data["x"], data["y"], data["is_replay"]
+        with tf.GradientTape() as tape:
+            logits = network_logits(self.network, x, training=True)
+            per_sample = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+            c_loss = tf.reduce_mean(per_sample)
+            penalty = self.penalty() if self.penalty is not None else tf.constant(0.0)
+            loss = c_loss + penalty
+        grads = tape.gradient(loss, self.c_variables)
+        self.optimizer.apply_gradients(zip(grads, self.c_variables))
+        hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=y.dtype), y), tf.float32)
+        step = {"loss": loss, "c_loss": c_loss, "c_acc": tf.reduce_mean(hits)}
+        if self.penalty is not None:
+            step[self.penalty_name] = penalty
+        for name, value in step.items():
+            self.trackers[name].update_state(value)
+        if self.split_replay:
+            real = 1.0 - is_replay
+            self.trackers["c_loss_real"].update_state(per_sample, sample_weight=real)
+            self.trackers["c_acc_real"].update_state(hits, sample_weight=real)
+            self.trackers["c_loss_replay"].update_state(per_sample, sample_weight=is_replay)
+            self.trackers["c_acc_replay"].update_state(hits, sample_weight=is_replay)
+        logs = {name: t.result() for name, t in self.trackers.items()}
+        # This iteration's own values; the trackers hold the epoch's running means.
+        logs.update({f"{name}_step": tf.identity(value) for name, value in step.items()})
+        return logs
+
+
+# --------------------------------------------------------------------------------------
+# The shared method: one classifier, a fresh Adam and trainer per task.
+# --------------------------------------------------------------------------------------
+
+
+class ClassifierBaseline(ContinualMethod):
+    """Hooks shared by the comparison methods; subclasses choose the epoch's data
+    (``memory``), the penalty (``penalty_fn``) and what ``end_task`` consolidates."""
+
+    name = "baseline"
+
+    def __init__(self, config: Config, scenario: Scenario):
+        super().__init__(config, scenario)
+        self.image_channels = scenario.image_shape[-1]
+        self.image_size = scenario.image_shape[0]
+        self.network: keras.Model | None = None
+        self.trainer: ClassifierTaskTrainer | None = None
+        self.history: list[dict] = []
+        self._seen_labels: list[int] = []
+        self._classify = None
+        self._epoch_arrays = None  # (task index, (x, y, is_replay)) of the task being trained
+
+    # -- what subclasses change ---------------------------------------------------------
+
+    def memory(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Earlier tasks' (images, labels) trained on together with the current task."""
+        return []
+
+    def penalty_fn(self) -> Callable[[], tf.Tensor] | None:
+        """The regulariser added to the cross-entropy for the current trainer, or None."""
+        return None
+
+    def head_grown(self) -> None:
+        """Called in ``begin_task`` after the class head grew (new network)."""
+
+    def consolidate(self, task: TaskData) -> dict:
+        """``end_task``'s method-specific work; returns numbers for ``task_summary``."""
+        return {}
+
+    def extra_state(self, during_task: bool) -> tuple[dict, dict, dict]:
+        return {}, {}, {}
+
+    def restore_extra(self, state: dict, arrays: dict, shared: dict) -> None:
+        pass
+
+    # -- hooks ---------------------------------------------------------------------------
+
+    def begin_task(self, task: TaskData) -> None:
+        cfg = self.config
+        # The head's new rows (and a first network) are drawn from Keras's global RNG:
+        # reseeded per task so a run resumed at a task boundary builds the same ones.
+        keras.utils.set_random_seed(task_seed(cfg.seed, task.index))
+        self._seen_labels += list(task.labels)
+        num_seen = len(self._seen_labels)
+        if max(task.labels) >= num_seen:
+            raise ValueError(
+                f"task {task.index} has labels {list(task.labels)}; a single head over {num_seen} seen "
+                "classes needs the model labels 0..seen-1 in task order"
+            )
+        if self.network is None:
+            self.network = build_classifier(
+                cfg.classifier, cfg.ndf, num_seen, self.image_channels, self.image_size, cfg.precision
+            )
+        else:
+            self.network = self.network.with_classes(num_seen)
+        self.head_grown()
+        self._make_trainer(task)
+
+    def _make_trainer(self, task: TaskData) -> None:
+        cfg = self.config
+        penalty = self.penalty_fn()
+        self.trainer = ClassifierTaskTrainer(
+            self.network, task=task.index, penalty=penalty, penalty_name=f"{self.name}_penalty",
+            split_replay=bool(self.memory()),
+        )
+        # PyTorch's Adam epsilon (1e-8), as DGM's classifier uses; fresh per task.
+        self.trainer.compile(
+            keras.optimizers.Adam(cfg.lr_d, beta_1=cfg.beta1, beta_2=cfg.beta2, epsilon=1e-8)
+        )
+        self._epoch_arrays = None
+        self._set_classifier()
+
+    def _set_classifier(self) -> None:
+        network = self.network
+        self._classify = tf.function(lambda x: network_logits(network, x, training=False), reduce_retracing=True)
+
+    def epoch_arrays(self, task: TaskData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All (images, labels, is_replay) of one epoch of ``task``: the task's training
+        data, then the memory's (flag 1.0)."""
+        if self._epoch_arrays is None or self._epoch_arrays[0] != task.index:
+            parts = [(task.x_train, task.y_train.astype(np.int32), np.zeros(len(task.y_train), np.float32))]
+            for x, y in self.memory():
+                parts.append((x, y.astype(np.int32), np.ones(len(y), np.float32)))
+            self._epoch_arrays = (task.index, tuple(np.concatenate(p) for p in zip(*parts)))
+        return self._epoch_arrays[1]
+
+    def train_dataset(self, task: TaskData, epoch: int) -> tf.data.Dataset:
+        """Epoch ``epoch``'s batches, in an order that is a pure function of (seed,
+        task, epoch): a run resumed at epoch e reads exactly the batches the
+        uninterrupted run read."""
+        x, y, r = self.epoch_arrays(task)
+        order = np.random.default_rng((self.config.seed, _DATA_STREAM, task.index, epoch)).permutation(len(y))
+        return (
+            tf.data.Dataset.from_tensor_slices({"x": x[order], "y": y[order], "is_replay": r[order]})
+            .batch(self.config.batch_size)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+
+    def train_task(self, task: TaskData, callbacks: Sequence[keras.callbacks.Callback], initial_epoch: int = 0) -> None:
+        """Epochs ``initial_epoch`` .. epochs-1, one ``fit`` call per epoch (each on that
+        epoch's dataset; the traced step is reused)."""
+        for epoch in range(initial_epoch, self.config.epochs):
+            self.trainer.fit(
+                self.train_dataset(task, epoch),
+                epochs=epoch + 1,
+                initial_epoch=epoch,
+                verbose=0,
+                shuffle=False,  # the order is the dataset's, keyed by epoch
+                callbacks=list(callbacks),
+            )
+
+    def end_task(self, task: TaskData) -> None:
+        summary = {
+            "classifier": self.config.classifier,
+            "classifier_params": int(sum(int(np.prod(v.shape)) for v in classifier_variables(self.network))),
+            "num_classes": len(self._seen_labels),
+        }
+        summary.update(self.consolidate(task))
+        self.history.append(summary)
+        self._epoch_arrays = None
+
+    # -- checkpoints ------------------------------------------------------------------
+
+    def checkpoint_state(self, during_task: bool = True):
+        """(JSON state, arrays, shared arrays): the network (weights and BN statistics),
+        during a task the optimizer's slots and step, and the subclass's state."""
+        state = {
+            "classifier": self.config.classifier,
+            "num_seen": len(self._seen_labels),
+            "seen_labels": list(self._seen_labels),
+            "history": self.history,
+            "trainer_task": None if self.trainer is None or not during_task else self.trainer.task,
+        }
+        arrays = {}
+        if self.network is not None:
+            for i, v in enumerate(self.network.weights):
+                arrays[f"classifier/{i:04d}"] = v.numpy()
+        if self.trainer is not None and during_task:
+            for i, v in enumerate(self.trainer.optimizer.variables):
+                arrays[f"optimizer/{i:04d}"] = v.numpy()
+        extra_state, extra_arrays, shared = self.extra_state(during_task)
+        state.update(extra_state)
+        arrays.update(extra_arrays)
+        return state, arrays, shared
+
+    def restore_checkpoint(self, state, arrays, shared, task: TaskData | None) -> None:
+        """Rebuild from ``checkpoint_state``'s output. ``task``: the task being trained
+        when the checkpoint was taken (mid-task), or None (taken after ``end_task``)."""
+        if state["classifier"] != self.config.classifier:
+            raise ValueError(f"checkpoint has --classifier={state['classifier']}, not {self.config.classifier}")
+        self._seen_labels = list(state["seen_labels"])
+        self.history = list(state["history"])
+        self.network = build_classifier(
+            self.config.classifier, self.config.ndf, state["num_seen"], self.image_channels, self.image_size,
+            self.config.precision,
+        )
+        weights = self.network.weights
+        if f"classifier/{len(weights):04d}" in arrays or f"classifier/{len(weights) - 1:04d}" not in arrays:
+            raise ValueError("checkpoint's classifier weights do not match the rebuilt network")
+        for i, v in enumerate(weights):
+            v.assign(arrays[f"classifier/{i:04d}"])
+        self.restore_extra(state, arrays, shared)
+        self.trainer = None
+        self._epoch_arrays = None
+        if task is not None:
+            if state.get("trainer_task") != task.index:
+                raise ValueError(f"checkpoint was taken during task {state.get('trainer_task')}, not {task.index}")
+            self._make_trainer(task)
+            for i, v in enumerate(self.trainer.optimizer.variables):
+                v.assign(arrays[f"optimizer/{i:04d}"])
+        self._set_classifier()
+
+    # -- inference and export ------------------------------------------------------------
+
+    def classifier_logits(self, images: np.ndarray) -> np.ndarray:
+        return self._classify(tf.convert_to_tensor(images, tf.float32)).numpy()
+
+    def classifier_for_export(self):
+        network = self.network
+        return network, lambda images: network_logits(network, images, training=False)
+
+    def task_summary(self) -> dict:
+        return dict(self.history[-1]) if self.history else {}
+
+
+class FineTune(ClassifierBaseline):
+    """Fine-tuning: each task's data only, no memory, no regulariser (lower bound)."""
+
+    name = "finetune"
+
+
+class Joint(ClassifierBaseline):
+    """Joint training on the real training data of every task so far (upper bound).
+
+    The method stores each finished task's training images and labels; an epoch of
+    task t is one pass over tasks 0..t's data, shuffled together (so later tasks take
+    more steps per epoch).
+    """
+
+    name = "joint"
+
+    def __init__(self, config: Config, scenario: Scenario):
+        super().__init__(config, scenario)
+        self.stored: list[tuple[np.ndarray, np.ndarray]] = []
+        self.stored_keys: list[str] = []
+
+    def memory(self):
+        return list(self.stored)
+
+    def consolidate(self, task: TaskData) -> dict:
+        x, y = np.asarray(task.x_train, np.float32), np.asarray(task.y_train, np.int32)
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(x).tobytes())
+        h.update(np.ascontiguousarray(y).tobytes())
+        self.stored.append((x, y))
+        self.stored_keys.append(f"joint_task_{task.index:03d}_{h.hexdigest()[:16]}")
+        return {"stored_examples": int(sum(len(y) for _, y in self.stored))}
+
+    def extra_state(self, during_task):
+        # Each task's data is a blob named by its content, written once and shared by
+        # every later checkpoint.
+        shared = {key: {"x": x, "y": y} for key, (x, y) in zip(self.stored_keys, self.stored)}
+        return {"stored_keys": list(self.stored_keys)}, {}, shared
+
+    def restore_extra(self, state, arrays, shared):
+        self.stored_keys = list(state["stored_keys"])
+        self.stored = [(shared[k]["x"], shared[k]["y"]) for k in self.stored_keys]
+
+    def replay_examples(self, n):
+        if not self.stored:
+            return None
+        per_task = max(1, n // len(self.stored))
+        return (np.concatenate([x[:per_task] for x, _ in self.stored]),
+                np.concatenate([y[:per_task] for _, y in self.stored]))
+
+
+class MAS(ClassifierBaseline):
+    """Memory Aware Synapses (Aljundi et al., ECCV 2018) on a single growing head.
+
+    After task t: Omega += importance on task t's training data, theta* = the
+    parameters now. While training task t+1 the loss is the cross-entropy plus
+    ``mas_lambda * sum(Omega * (theta - theta*)^2)``; the head's new rows have
+    Omega = 0. ``dgm_tf.methods.mas`` documents where we follow and deviate from the
+    paper.
+    """
+
+    name = "mas"
+
+    def __init__(self, config: Config, scenario: Scenario):
+        super().__init__(config, scenario)
+        self.omega: list[np.ndarray] | None = None
+        self.theta_star: list[np.ndarray] | None = None
+
+    def head_grown(self) -> None:
+        if self.omega is not None:
+            shapes = [tuple(v.shape) for v in classifier_variables(self.network)]
+            self.omega = pad_like(self.omega, shapes)
+            self.theta_star = pad_like(self.theta_star, shapes)
+
+    def penalty_fn(self):
+        if self.omega is None:  # first task: nothing to protect
+            return None
+        variables = classifier_variables(self.network)
+        omega = [tf.constant(o) for o in self.omega]
+        theta_star = [tf.constant(s) for s in self.theta_star]
+        mas_lambda = self.config.mas_lambda
+        return lambda: mas_penalty(variables, omega, theta_star, mas_lambda)
+
+    def penalty_now(self) -> float:
+        """The penalty at the current parameters (0 before the first task ends)."""
+        if self.omega is None:
+            return 0.0
+        variables = classifier_variables(self.network)
+        return float(mas_penalty(variables, self.omega, self.theta_star, self.config.mas_lambda))
+
+    def consolidate(self, task: TaskData) -> dict:
+        network = self.network
+        variables = classifier_variables(network)
+        penalty_at_end = self.penalty_now()
+        importance = mas_importance(lambda x: network_logits(network, x, training=False), variables, task.x_train)
+        self.omega = accumulate_importance(self.omega, importance)
+        self.theta_star = [v.numpy().astype(np.float32) for v in variables]
+        flat = np.concatenate([o.ravel() for o in self.omega])
+        return {
+            # lambda * sum(Omega (theta - theta*)^2) at the end of this task (earlier Omega).
+            "mas_penalty_end": penalty_at_end,
+            "mas_task_importance_mean": float(np.mean(np.concatenate([i.ravel() for i in importance]))),
+            "mas_omega_mean": float(flat.mean()),
+            "mas_omega_max": float(flat.max()),
+        }
+
+    def extra_state(self, during_task):
+        arrays = {}
+        for i, (o, s) in enumerate(zip(self.omega or [], self.theta_star or [])):
+            arrays[f"mas/omega/{i:04d}"] = o
+            arrays[f"mas/theta_star/{i:04d}"] = s
+        return {"mas_arrays": 0 if self.omega is None else len(self.omega)}, arrays, {}
+
+    def restore_extra(self, state, arrays, shared):
+        n = state["mas_arrays"]
+        if n:
+            self.omega = [arrays[f"mas/omega/{i:04d}"] for i in range(n)]
+            self.theta_star = [arrays[f"mas/theta_star/{i:04d}"] for i in range(n)]
+        else:
+            self.omega = self.theta_star = None
