@@ -14,7 +14,7 @@ class CNNClassifier(keras.Model):
     Four blocks of two 3x3 convolutions (no bias) -> BN -> ReLU, widths ndf, 2·ndf,
     4·ndf, 8·ndf; 2x2 max pooling after the first three blocks (32 -> 16 -> 8 -> 4),
     global average pooling, one linear class head with a logit per class seen so far.
-    About 8x the multiply-adds of DGM's discriminator trunk at the same ndf and 4.5x
+    About 7.5x the multiply-adds of DGM's discriminator trunk at the same ndf and 4.5x
     its parameters; it tells whether a comparison method is limited by DGM's small
     classifier.
 
