@@ -140,7 +140,7 @@ class ValidationSelection(keras.callbacks.Callback):
 class ProgressLogger(keras.callbacks.Callback):
     """One console line per epoch: losses, epoch time and the task's ETA."""
 
-    KEYS = ("d_loss", "g_loss", "wasserstein", "gradient_penalty", "mask_reg", "c_loss", "c_acc", "val_acc", "s")
+    KEYS = ("d_loss", "g_loss", "wasserstein", "gradient_penalty", "mask_reg", "c_loss", "c_acc", "mas_penalty", "val_acc", "s")
 
     def __init__(self, task: int, num_tasks: int, epochs: int, first_epoch: int = 0):
         super().__init__()
