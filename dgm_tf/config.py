@@ -8,6 +8,7 @@ except ``epochs`` which is shortened so that a default run finishes in minutes.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any
 
@@ -160,6 +161,10 @@ def validate(c: Config) -> None:
         f"{c.method} classifies with its discriminator; --classifier={c.classifier} applies to "
         "finetune, joint and mas only",
     )
+    for f in dataclasses.fields(c):  # inf/nan would only surface as a NaN loss later
+        value = getattr(c, f.name)
+        if isinstance(value, float):
+            _require(math.isfinite(value), f.name, f"must be a finite number, got {value}")
     _require(c.mas_lambda >= 0, "mas_lambda", f"must be >= 0, got {c.mas_lambda}")
     _require(bool(c.dataset), "dataset", "must not be empty (e.g. embedded, idx:/path/to/dir)")
     _require(c.channels in (0, 1, 3), "channels", f"must be 0 (as stored), 1 or 3, got {c.channels}")

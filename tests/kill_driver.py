@@ -2,7 +2,7 @@
 
     python tests/kill_driver.py <point> <main flags...>
 
-Points: ``batch:T:E:B`` (before batch B of epoch E of task T, all 0-based),
+Points: ``batch:T:E:B`` (before batch B of epoch E of task T, all 0-based; DGM methods),
 ``begin_task:T``, ``export:V`` (export version V written, not yet renamed into place),
 ``checkpoint:N`` (the N-th checkpoint's arrays written, not yet renamed into place).
 ``enospc:NAME:N`` does not kill: the N-th atomic write of a file called NAME fails as
@@ -19,7 +19,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import errno  # noqa: E402
 
 from dgm_tf import checkpoint, export, io_utils, main  # noqa: E402
-from dgm_tf.methods import dgm  # noqa: E402
+from dgm_tf.methods import baselines, dgm  # noqa: E402
 
 
 def die():
@@ -41,14 +41,16 @@ def install(point: str) -> None:
 
         dgm.MaskScaleSchedule.on_train_batch_begin = on_batch
     elif kind == "begin_task":
-        original_begin = dgm.DGMw.begin_task
+        # Every method's begin_task (DGMw/DGMa share DGM's; the comparison methods theirs).
+        for cls in (dgm.DGM, baselines.ClassifierBaseline):
+            original_begin = cls.begin_task
 
-        def begin(self, task):
-            if task.index == nums[0]:
-                die()
-            return original_begin(self, task)
+            def begin(self, task, _original=original_begin):
+                if task.index == nums[0]:
+                    die()
+                return _original(self, task)
 
-        dgm.DGMw.begin_task = begin
+            cls.begin_task = begin
     elif kind == "export":
         original_save = export._save
 

@@ -127,6 +127,9 @@ def test_flags_txt_reproduces_the_config(tiny_run, tmp_path):
         (["--num_tasks=11"], "--num_tasks"),
         (["--nz=8"], "--nz"),
         (["--precision=fp8"], "--precision"),
+        (["--classifier=cnn"], "--classifier"),  # DGM classifies with its discriminator
+        (["--method=mas", "--mas_lambda=inf"], "--mas_lambda"),
+        (["--lr=nan"], "--lr_d"),
         (["--dataset=idx:/nonexistent/dir"], "/nonexistent/dir"),
         (["--dataset=bogus"], "bogus"),
     ],

@@ -23,6 +23,9 @@ def torch_default_conv_transpose_initializer():
 class ClassOutputHeads(keras.layers.Layer):
     """One unmasked 4x4 stride-2 transposed convolution per class (no bias).
 
+    The generator of DGMa uses one head per *task* instead: it builds this layer with one
+    entry per task and calls it with ``classes=(task,)`` (``Generator.head_per_task``).
+
     Class ``c``'s head reads the ``class_input_channels[c]`` channels its task had, so
     heads of earlier classes stay valid after the trunk grows. ``call`` computes the
     heads of the given classes and picks, per sample, the head of its label.

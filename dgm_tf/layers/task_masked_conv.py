@@ -49,8 +49,9 @@ class TaskMaskedConv2DTranspose(keras.layers.Layer):
             weights only; the old ones are copied).
         mask_kind: ``"weight"`` (DGMw) or ``"activation"`` (DGMa), see above.
         dtype: Keras dtype policy. Under ``mixed_bfloat16`` the kernel, embeddings and
-            the gate stay float32 (s reaches 1e4, beyond bf16's 8-bit mantissa); only
-            the masked kernel and the convolution run in bfloat16. Inputs are never
+            the gate are computed in float32 (s reaches 1e5, beyond bf16's 8-bit
+            mantissa); the convolution (with the masked kernel, or followed by the
+            multiplication with the channel gate) runs in bfloat16. Inputs are never
             auto-cast (``autocast=False``) so that ``s`` arrives in float32.
 
     Example:

@@ -1,4 +1,5 @@
-"""The DGMw generator: task-masked transposed convolutions, per-task BN, per-class heads."""
+"""The DGM generator: task-masked transposed convolutions (weight or activation masks),
+per-task BN, output heads per class (DGMw) or per task (DGMa)."""
 
 from __future__ import annotations
 
