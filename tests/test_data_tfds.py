@@ -42,16 +42,20 @@ def test_builder_loads_under_mock_data_with_its_real_features(name, tmp_path):
 
 def _labelled_mock(per_class_train=6, per_class_test=2):
     """Mock as_dataset: every class present, each image filled with its label % 251 so
-    a test can check that images and labels stay paired."""
+    a test can check that images and labels stay paired. Honours ``SkipDecoding`` as
+    TFDS does: the image comes PNG-encoded and the reader must decode it."""
 
-    def as_dataset(self, split, **kwargs):
+    def as_dataset(self, split, decoders=None, **kwargs):
         del kwargs
         num_classes = self.info.features["label"].num_classes
         shape = self.info.features["image"].shape
         n = per_class_train if split == "train" else per_class_test
         labels = np.repeat(np.arange(num_classes), n)
         images = np.broadcast_to((labels % 251).astype(np.uint8)[:, None, None, None], (len(labels),) + shape)
-        return tf.data.Dataset.from_tensor_slices({"image": images.copy(), "label": labels})
+        ds = tf.data.Dataset.from_tensor_slices({"image": images.copy(), "label": labels})
+        if decoders and "image" in decoders:
+            ds = ds.map(lambda ex: {"image": tf.io.encode_png(ex["image"]), "label": ex["label"]})
+        return ds
 
     return tfds.testing.mock_data(as_dataset_fn=as_dataset)
 
