@@ -1,4 +1,4 @@
-"""The README's quickstart, end to end (slow: about 9 minutes on 2 cores)."""
+"""The README's quickstarts, end to end (slow: DGMw about 9 minutes on 2 cores, DGMa 20-35)."""
 
 import json
 
@@ -32,3 +32,18 @@ def test_quickstart_remembers_every_class(tmp_path):
     served = tf.saved_model.load(str(workdir / "export" / "classifier" / "10")).signatures["serving_default"]
     out = served(images=tf.zeros([2, 28, 28, 1], tf.uint8))
     assert out["probabilities"].shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_dgma_quickstart_remembers_every_class(tmp_path):
+    """configs/quickstart_dgma.cfg (20-35 minutes on 2 cores): README reports A_10 0.688."""
+    workdir = tmp_path / "quickstart_dgma"
+    proc = run_cli(f"--flagfile={REPO / 'configs' / 'quickstart_dgma.cfg'}", f"--workdir={workdir}", timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["method"] == "dgma" and results["tasks_completed"] == 10
+    assert results["average_accuracy"][-1] >= 0.5
+    assert np.mean(results["replay_accuracy"][-1]) > 0.8
+    for before, after in zip(results["method_state"], results["method_state"][1:]):
+        # Growth adds exactly the channels the task newly reserved.
+        assert after["generator_widths"] == [w + n for w, n in zip(before["generator_widths"], before["newly_reserved"])]
