@@ -290,3 +290,19 @@ def test_dgma_run_holds_s_fixed_within_each_epoch(tiny_scenario):
     for epoch, s in seen:
         s_ep = (1e5 - 1e-5) * epoch / 3 + 1e-5
         assert s == pytest.approx(s_ep, rel=1e-6), (epoch, s)
+
+
+def test_several_classes_per_task_without_aux_g_warns(embedded_raw, caplog):
+    from dgm_tf.data import make_scenario
+
+    scenario = make_scenario(
+        embedded_raw, class_order=(1, 7, 8, 9), classes_per_task=2, num_tasks=None,
+        train_examples_per_class=8, validation_fraction=0.15, seed=0,
+    )
+    with caplog.at_level("WARNING"):
+        DGMa(_tiny_config(class_order=(1, 7, 8, 9), classes_per_task=2), scenario)
+    assert any("--aux_g" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        DGMw(_tiny_config(class_order=(1, 7, 8, 9), classes_per_task=2, aux_g=True), scenario)
+    assert not any("--aux_g" in r.getMessage() for r in caplog.records)
