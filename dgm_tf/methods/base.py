@@ -83,3 +83,19 @@ class ContinualMethod(abc.ABC):
     def task_summary(self) -> dict:
         """Per-task numbers for results.json (e.g. ``generator_params``)."""
         return {}
+
+
+def fit_epochs(trainer: keras.Model, dataset_for_epoch: Callable[[int], object], initial_epoch: int,
+               epochs: int, callbacks: Sequence[keras.callbacks.Callback]) -> None:
+    """Epochs ``initial_epoch`` .. ``epochs``-1, one ``fit`` call per epoch on that
+    epoch's dataset (the traced step is reused). The data order is the dataset's, keyed
+    by epoch, so a run resumed at any epoch reads what an uninterrupted one reads."""
+    for epoch in range(initial_epoch, epochs):
+        trainer.fit(
+            dataset_for_epoch(epoch),
+            epochs=epoch + 1,
+            initial_epoch=epoch,
+            verbose=0,
+            shuffle=False,
+            callbacks=list(callbacks),
+        )

@@ -35,7 +35,7 @@ import tensorflow as tf
 
 from dgm_tf.config import Config, ConfigError
 from dgm_tf.data import Scenario, TaskData
-from dgm_tf.methods.base import ContinualMethod
+from dgm_tf.methods.base import ContinualMethod, fit_epochs
 from dgm_tf.methods.dgm import task_seed
 from dgm_tf.methods.mas import accumulate_importance, mas_importance, mas_penalty, pad_like
 from dgm_tf.models import Discriminator
@@ -257,15 +257,8 @@ class ClassifierBaseline(ContinualMethod):
     def train_task(self, task: TaskData, callbacks: Sequence[keras.callbacks.Callback], initial_epoch: int = 0) -> None:
         """Epochs ``initial_epoch`` .. epochs-1, one ``fit`` call per epoch (each on that
         epoch's dataset; the traced step is reused)."""
-        for epoch in range(initial_epoch, self.config.epochs):
-            self.trainer.fit(
-                self.train_dataset(task, epoch),
-                epochs=epoch + 1,
-                initial_epoch=epoch,
-                verbose=0,
-                shuffle=False,  # the order is the dataset's, keyed by epoch
-                callbacks=list(callbacks),
-            )
+        fit_epochs(self.trainer, lambda epoch: self.train_dataset(task, epoch), initial_epoch, self.config.epochs,
+                   callbacks)
 
     def end_task(self, task: TaskData) -> None:
         summary = {

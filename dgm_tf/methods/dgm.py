@@ -31,7 +31,7 @@ from absl import logging
 
 from dgm_tf.config import Config
 from dgm_tf.data import Scenario, TaskData
-from dgm_tf.methods.base import ContinualMethod
+from dgm_tf.methods.base import ContinualMethod, fit_epochs
 from dgm_tf.models import Discriminator, Generator, activation_growth_channels, growth_channels
 
 # Numerical floor inside the square root of the gradient-penalty norm: keeps the
@@ -547,15 +547,8 @@ class DGM(ContinualMethod):
         schedule = MaskScaleSchedule(
             self.trainer, cfg.epochs, len(task.x_train), cfg.batch_size, cfg.smax, per_batch=self.s_per_batch
         )
-        for epoch in range(initial_epoch, cfg.epochs):
-            self.trainer.fit(
-                self.train_dataset(task, epoch),
-                epochs=epoch + 1,
-                initial_epoch=epoch,
-                verbose=0,
-                shuffle=False,  # the order is the dataset's, keyed by epoch
-                callbacks=[schedule, *callbacks],
-            )
+        fit_epochs(self.trainer, lambda epoch: self.train_dataset(task, epoch), initial_epoch, cfg.epochs,
+                   [schedule, *callbacks])
 
     def end_task(self, task: TaskData) -> None:
         """Binarise the task's mask at smax, reserve it, and plan the growth that keeps

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import keras
 
-from dgm_tf.models.discriminator import TorchDefaultBias, torch_default_dense_initializers
+from dgm_tf.models.discriminator import (
+    TorchDefaultBias,
+    apply_trunk,
+    copy_into_wider_head,
+    torch_default_dense_initializers,
+)
 
 
 @keras.saving.register_keras_serializable(package="dgm_tf")
@@ -90,13 +95,7 @@ class CNNClassifier(keras.Model):
         self.built = True
 
     def features(self, images, training=None):
-        x = images
-        for layer in self.trunk:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                x = layer(x, training=training)
-            else:
-                x = layer(x)
-        return self.pool(x)
+        return self.pool(apply_trunk(self.trunk, images, training))
 
     def call(self, images, training=None):
         return self.class_head(self.features(images, training=training))
@@ -122,9 +121,5 @@ class CNNClassifier(keras.Model):
         )
         for layer_new, layer_old in zip(new.trunk, self.trunk):
             layer_new.set_weights(layer_old.get_weights())
-        kernel, bias = (v.numpy() for v in new.class_head.weights)
-        old_kernel, old_bias = (v.numpy() for v in self.class_head.weights)
-        kernel[:, : self.num_classes] = old_kernel
-        bias[: self.num_classes] = old_bias
-        new.class_head.set_weights([kernel, bias])
+        copy_into_wider_head(new.class_head, self.class_head)
         return new

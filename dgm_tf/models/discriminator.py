@@ -27,6 +27,28 @@ class TorchDefaultBias(keras.initializers.Initializer):
         return {"fan_in": self.fan_in}
 
 
+def apply_trunk(layers, images, training=None):
+    """Run ``layers`` in order; BatchNormalization layers get the ``training`` flag."""
+    x = images
+    for layer in layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            x = layer(x, training=training)
+        else:
+            x = layer(x)
+    return x
+
+
+def copy_into_wider_head(new_head: keras.layers.Dense, old_head: keras.layers.Dense) -> None:
+    """Copy ``old_head``'s class rows (kernel columns and biases) into the leading rows
+    of the wider ``new_head``; its extra rows keep their fresh initialisation."""
+    kernel, bias = (v.numpy() for v in new_head.weights)
+    old_kernel, old_bias = (v.numpy() for v in old_head.weights)
+    n = old_kernel.shape[1]
+    kernel[:, :n] = old_kernel
+    bias[:n] = old_bias
+    new_head.set_weights([kernel, bias])
+
+
 @keras.saving.register_keras_serializable(package="dgm_tf")
 class Discriminator(keras.Model):
     """ACGAN discriminator/classifier for 32x32 images.
@@ -118,13 +140,7 @@ class Discriminator(keras.Model):
         self.built = True
 
     def features(self, images, training=None):
-        x = images
-        for layer in self.trunk:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                x = layer(x, training=training)
-            else:
-                x = layer(x)
-        return self.flatten(x)
+        return self.flatten(apply_trunk(self.trunk, images, training))
 
     def call(self, images, training=None):
         h = self.features(images, training=training)
@@ -151,9 +167,5 @@ class Discriminator(keras.Model):
         )
         for layer_new, layer_old in zip(new.trunk + [new.critic_head], self.trunk + [self.critic_head]):
             layer_new.set_weights(layer_old.get_weights())
-        kernel, bias = (v.numpy() for v in new.class_head.weights)
-        old_kernel, old_bias = (v.numpy() for v in self.class_head.weights)
-        kernel[:, : self.num_classes] = old_kernel
-        bias[: self.num_classes] = old_bias
-        new.class_head.set_weights([kernel, bias])
+        copy_into_wider_head(new.class_head, self.class_head)
         return new
