@@ -100,9 +100,13 @@ def main(argv):
         if not FLAGS.workdir:
             raise ConfigError("--workdir: required (a new or empty directory for the run's files)")
         config = config_from_flags()
+        from dgm_tf import runtime
+
+        runtime.prefer_onednn()  # before TensorFlow loads; TF_ENABLE_ONEDNN_OPTS=0 opts out
         from dgm_tf import engine  # TensorFlow is imported only once the flags are valid
 
         logging.info("config: %s", config)
+        logging.info("runtime: %s", runtime.describe())
         try:
             engine.run_experiment(config, FLAGS.workdir, resume=FLAGS.resume)
         except engine.TrainingError as e:  # training cannot go on: one line, exit 3

@@ -4,6 +4,12 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from dgm_tf import runtime  # noqa: E402
+
+# The suite runs TensorFlow as `python -m dgm_tf.main` does (oneDNN kernels unless
+# TF_ENABLE_ONEDNN_OPTS says otherwise); subprocesses inherit the setting.
+runtime.prefer_onednn()
+
 import keras  # noqa: E402
 import pytest  # noqa: E402
 

@@ -34,6 +34,9 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from dgm_tf import runtime  # noqa: E402
+
+runtime.prefer_onednn()  # as main does, before anything imports TensorFlow
 from dgm_tf import main as cli  # noqa: E402  (defines the experiment flags)
 
 flags.DEFINE_list("tasks", ["0", "4", "9"], "Task indices to benchmark.")
@@ -104,6 +107,7 @@ def machine_info() -> dict:
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "numpy": np.__version__,
+        "onednn": runtime.onednn_enabled(),
     }
 
 

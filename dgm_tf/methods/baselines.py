@@ -35,7 +35,7 @@ import tensorflow as tf
 
 from dgm_tf.config import Config, ConfigError
 from dgm_tf.data import Scenario, TaskData
-from dgm_tf.methods.base import ContinualMethod, fit_epochs
+from dgm_tf.methods.base import ContinualMethod, epoch_pipeline, fit_epochs
 from dgm_tf.methods.dgm import task_seed
 from dgm_tf.methods.mas import accumulate_importance, mas_importance, mas_penalty, pad_like
 from dgm_tf.models import Discriminator
@@ -248,10 +248,9 @@ class ClassifierBaseline(ContinualMethod):
         uninterrupted run read."""
         x, y, r = self.epoch_arrays(task)
         order = np.random.default_rng((self.config.seed, _DATA_STREAM, task.index, epoch)).permutation(len(y))
-        return (
+        return epoch_pipeline(
             tf.data.Dataset.from_tensor_slices({"x": x[order], "y": y[order], "is_replay": r[order]})
             .batch(self.config.batch_size)
-            .prefetch(tf.data.AUTOTUNE)
         )
 
     def train_task(self, task: TaskData, callbacks: Sequence[keras.callbacks.Callback], initial_epoch: int = 0) -> None:
