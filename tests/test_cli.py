@@ -1,10 +1,12 @@
 """The command line end to end: run directory contents, flagfiles, and bad input."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -25,13 +27,19 @@ TINY = [
 ]
 
 
-def run_cli(*args, timeout=300):
+def run_cli(*args, timeout=300, onednn_env=None):
+    """``python -m dgm_tf.main`` with TF_ENABLE_ONEDNN_OPTS unset, as a user's shell
+    has it (conftest sets it for this process), or set to ``onednn_env``."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    if onednn_env is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = onednn_env
     return subprocess.run(
         [sys.executable, "-m", "dgm_tf.main", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
 
 
@@ -72,6 +80,8 @@ def test_run_writes_results_with_documented_keys(tiny_run):
     p0, p1 = results["generator_params"]
     assert p1 >= p0 > 0
     assert len(results["wall_time_s"]) == 2 and all(w > 0 for w in results["wall_time_s"])
+    # main turns TensorFlow's oneDNN kernels on when the user has not chosen (README).
+    assert results["runtime"] == {"tensorflow": tf.__version__, "keras": keras.__version__, "onednn": True}
 
 
 def test_run_exports_every_task_in_tf_serving_layout(tiny_run):
@@ -85,9 +95,11 @@ def test_run_exports_every_task_in_tf_serving_layout(tiny_run):
 
 def test_noexport_writes_no_export_folder(tmp_path):
     workdir = tmp_path / "wd"
-    proc = run_cli(*TINY, "--epochs=1", "--class_order=1", "--noexport", f"--workdir={workdir}")
+    proc = run_cli(*TINY, "--epochs=1", "--class_order=1", "--noexport", f"--workdir={workdir}", onednn_env="0")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (workdir / "results.json").exists() and not (workdir / "export").exists()
+    # A user's TF_ENABLE_ONEDNN_OPTS=0 is kept, and the run records it.
+    assert json.loads((workdir / "results.json").read_text())["runtime"]["onednn"] is False
 
 
 def test_run_writes_sample_grids_of_every_seen_class(tiny_run):

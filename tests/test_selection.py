@@ -1,0 +1,76 @@
+"""Best-validation selection: the test row of the best validation epoch, evaluated once."""
+
+import keras
+import numpy as np
+import pytest
+
+from dgm_tf.config import Config
+from dgm_tf.data import make_scenario
+from dgm_tf.engine import ValidationSelection, evaluate
+from dgm_tf.methods import make_method
+
+
+class EvaluateEveryEpoch(keras.callbacks.Callback):
+    """What the reference does: evaluate validation and test at every eval epoch."""
+
+    def __init__(self, method, tasks):
+        super().__init__()
+        self.method, self.tasks, self.rows = method, tasks, {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        val, _ = evaluate(self.method, self.tasks, "val")
+        test, _ = evaluate(self.method, self.tasks, "test")
+        self.rows[epoch] = (float(np.mean(val)), test)
+
+
+@pytest.fixture
+def trained(embedded_raw):
+    # T-shirt and shirt: hard enough that validation and test accuracy move every epoch.
+    keras.utils.set_random_seed(0)
+    scenario = make_scenario(embedded_raw, class_order=(0, 6), classes_per_task=1, num_tasks=None,
+                             train_examples_per_class=64, validation_fraction=0.15, seed=0)
+    cfg = Config(method="joint", dataset="embedded", class_order=(0, 6), epochs=5, eval_every=1,
+                 train_examples_per_class=64, batch_size=16, ndf=4, lr_d=0.02)
+    method = make_method(cfg, scenario)
+    for task in scenario.tasks:
+        method.begin_task(task)
+        tasks = scenario.tasks[: task.index + 1]
+        selection = ValidationSelection(method, tasks, every=1, epochs=cfg.epochs)
+        reference = EvaluateEveryEpoch(method, tasks)
+        method.train_task(task, [selection, reference])
+        if task.index == 0:
+            method.end_task(task)
+    return method, tasks, selection, reference
+
+
+def test_the_kept_weights_give_the_best_validation_epochs_test_row(trained):
+    method, tasks, selection, reference = trained
+    best_epoch = max(reference.rows, key=lambda e: (reference.rows[e][0], -e))  # first best
+    assert selection.best_epoch == best_epoch
+    # Informative only if the best epoch is not the last and its test row differs.
+    assert best_epoch < 4
+    network = method.classifier_for_export()[0]
+    final = [w.copy() for w in network.get_weights()]
+    final_test, _ = evaluate(method, tasks, "test")
+    assert reference.rows[best_epoch][1] != final_test
+    assert selection.finish(final_test) == reference.rows[best_epoch][1]
+    # The trained weights are back in place afterwards.
+    assert all(np.array_equal(a, b) for a, b in zip(network.get_weights(), final))
+
+
+def test_a_checkpointed_selection_finishes_the_same(trained):
+    method, tasks, selection, _ = trained
+    final_test, _ = evaluate(method, tasks, "test")
+    restored = ValidationSelection(method, tasks, every=1, epochs=5)
+    restored.restore(selection.state(), dict(selection.arrays(), unrelated=np.zeros(1)))
+    assert restored.finish(final_test) == selection.finish(final_test)
+
+
+def test_a_checkpoint_without_the_weights_is_refused_unless_it_holds_the_row(trained):
+    method, tasks, selection, _ = trained
+    restored = ValidationSelection(method, tasks, every=1, epochs=5)
+    with pytest.raises(ValueError, match="weights are missing"):
+        restored.restore(selection.state(), {})
+    # A checkpoint of an earlier version kept the row itself.
+    restored.restore(dict(selection.state(), best_test=[0.25, 0.5]), {})
+    assert restored.finish([0.0, 0.0]) == [0.25, 0.5]
