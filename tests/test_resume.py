@@ -205,8 +205,8 @@ def test_flags_text_round_trips_every_config_field():
     assert Config.from_flags_text("\n".join(explicit.to_flags())) == explicit
 
 
-# Three CLI runs (~1 min): slow-marked when oneDNN's per-shape set-up on the suite's
-# tiny networks pushed the default run to 9.6 min. DGMa's own pieces stay in the default
+# Three CLI runs: slow-marked when the default run reached 9.6 min with oneDNN on
+# (8.5 min before; not profiled further). DGMa's own pieces stay in the default
 # run (tests/test_dgm.py, both mask kinds); `make test-slow` runs this.
 @pytest.mark.slow
 def test_dgma_runs_end_to_end_and_resumes_to_the_same_run(tmp_path):
