@@ -214,16 +214,12 @@ def benchmark_task(config, scenario, task_index: int, xla: bool) -> dict:
     trace_s = time.perf_counter() - start
     iteration_ms = _median_ms(step, (batch,), **timing)
 
-    b = tf.shape(batch["x"])[0]
     replay_x = batch.get("replay_x", ())
 
-    def classifier_phase(batch):
-        x = tf.concat([batch["x"]] + [r[:b] for r in batch.get("replay_x", ())], 0)
-        y = tf.concat([batch["y"]] + [r[:b] for r in batch.get("replay_y", ())], 0)
-        out = []
-        for k in range(len(replay_x) + 1):
-            out.append(trainer.classifier_update(x[k * b : (k + 1) * b], y[k * b : (k + 1) * b]))
-        return out
+    def classifier_phase(batch):  # the step's own chunk loop
+        return trainer.replay_classifier_updates(
+            batch["x"], batch["y"], batch.get("replay_x", ()), batch.get("replay_y", ())
+        )
 
     phases = {
         "classifier": tf.function(classifier_phase, jit_compile=xla),

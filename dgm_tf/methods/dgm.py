@@ -306,9 +306,11 @@ class DGMTaskTrainer(keras.Model):
             )
         return grads
 
-    def train_step(self, data):
-        x, y = data["x"], data["y"]
-        replay_x, replay_y = data.get("replay_x", ()), data.get("replay_y", ())
+    def replay_classifier_updates(self, x, y, replay_x=(), replay_y=()):
+        """The iteration's classifier phase: the real batch and the first ``len(x)``
+        images of each past task's replay batch, shuffled together, then one
+        ``classifier_update`` per batch-sized chunk (t+1 at task t), in order.
+        Returns the last chunk's loss and accuracy."""
         b = tf.shape(x)[0]
         if replay_x:
             all_x = tf.concat([x] + [r[:b] for r in replay_x], axis=0)
@@ -320,6 +322,7 @@ class DGMTaskTrainer(keras.Model):
             all_x, all_y, all_r = tf.gather(all_x, order), tf.gather(all_y, order), tf.gather(all_r, order)
         else:
             all_x, all_y, all_r = x, y, tf.zeros([b])
+
         def chunk_update(k, c_loss, c_acc):
             chunk = slice(k * b, (k + 1) * b)
             c_loss, c_acc = self.classifier_update(all_x[chunk], all_y[chunk], all_r[chunk])
@@ -327,16 +330,20 @@ class DGMTaskTrainer(keras.Model):
             self.trackers["c_acc"].update_state(c_acc)
             return k + 1, c_loss, c_acc
 
-        if replay_x:
-            # One traced body for the t+1 chunks instead of t+1 unrolled copies: tracing
-            # stays as fast at task 9 as at task 1 (README, Performance). One iteration
-            # at a time, so every chunk's update reads the weights the previous one wrote.
-            _, c_loss, c_acc = tf.while_loop(
-                lambda k, *_: k < len(replay_x) + 1, chunk_update,
-                (tf.constant(0), tf.constant(0.0), tf.constant(0.0)), parallel_iterations=1,
-            )
-        else:
-            _, c_loss, c_acc = chunk_update(0, None, None)
+        if not replay_x:
+            return chunk_update(0, None, None)[1:]
+        # One traced body for the t+1 chunks instead of t+1 unrolled copies: tracing
+        # stays as fast at task 9 as at task 1 (README, Performance). One iteration
+        # at a time, so every chunk's update reads the weights the previous one wrote.
+        _, c_loss, c_acc = tf.while_loop(
+            lambda k, *_: k < len(replay_x) + 1, chunk_update,
+            (tf.constant(0), tf.constant(0.0), tf.constant(0.0)), parallel_iterations=1,
+        )
+        return c_loss, c_acc
+
+    def train_step(self, data):
+        x, y = data["x"], data["y"]
+        c_loss, c_acc = self.replay_classifier_updates(x, y, data.get("replay_x", ()), data.get("replay_y", ()))
         d_loss, gp, wasserstein = self.critic_update(x, y)
         g_loss, reg = self.generator_update(y)
         step = {
