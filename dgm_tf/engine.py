@@ -7,6 +7,7 @@ turns flags into a ``Config`` and calls it. Everything a run writes goes under
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pathlib
@@ -295,6 +296,90 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.save_fn(epoch + 1)
 
 
+class Stopwatch:
+    """Seconds one task spends in each named phase: results.json ``time_breakdown_s``.
+
+    ``first_step`` is the task's first training step (tracing and graph optimisation
+    included), ``iterations`` every other step; ``validation``, ``monitoring`` and
+    ``checkpoint`` the callbacks of those names (epoch and task end); the rest is what
+    ``_run_task`` names. ``breakdown(wall)`` adds ``other``: the wall time no phase
+    claims (Keras's per-epoch ``fit`` set-up, the epoch's dataset, logging).
+    """
+
+    PHASES = (
+        "begin_task", "first_step", "iterations", "validation", "monitoring", "checkpoint",
+        "evaluation", "end_task", "samples", "export",
+    )
+
+    def __init__(self, totals: dict[str, float] | None = None):
+        self.totals = dict.fromkeys(self.PHASES, 0.0)
+        self.totals.update(totals or {})
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[name] += time.perf_counter() - start
+
+    def breakdown(self, wall: float) -> dict[str, float]:
+        out = {name: round(seconds, 3) for name, seconds in self.totals.items()}
+        out["other"] = round(wall - sum(self.totals.values()), 3)
+        return out
+
+
+class StepTimer(keras.callbacks.Callback):
+    """Adds each training step's time to ``stopwatch``: the first one this process
+    runs for the task as ``first_step`` (a resumed task traces again), the rest as
+    ``iterations``. Steps are synchronous here: the other callbacks' batch hooks keep
+    Keras from dispatching them asynchronously, and they read the step's values."""
+
+    def __init__(self, stopwatch: Stopwatch):
+        super().__init__()
+        self.stopwatch = stopwatch
+        self.first = True
+        self.start = 0.0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.stopwatch.totals["first_step" if self.first else "iterations"] += time.perf_counter() - self.start
+        self.first = False
+
+
+class TimedCallback(keras.callbacks.Callback):
+    """``callback`` itself, its hooks' time added to ``phase`` of ``stopwatch``."""
+
+    def __init__(self, callback: keras.callbacks.Callback, stopwatch: Stopwatch, phase: str):
+        super().__init__()
+        self.callback, self.stopwatch, self.phase = callback, stopwatch, phase
+
+    def set_model(self, model):
+        super().set_model(model)
+        self.callback.set_model(model)
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.callback.set_params(params)
+
+
+def _timed_hook(name):
+    def hook(self, *args, **kwargs):
+        with self.stopwatch.phase(self.phase):
+            return getattr(self.callback, name)(*args, **kwargs)
+
+    hook.__name__ = name
+    return hook
+
+
+for _hook in (
+    "on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end", "on_train_batch_begin", "on_train_batch_end",
+):
+    setattr(TimedCallback, _hook, _timed_hook(_hook))
+
+
 def run_experiment(config: Config, workdir: str | os.PathLike, resume: bool = False) -> dict:
     """Run every task of the scenario and return (and write) the results.
 
@@ -327,7 +412,7 @@ def run_experiment(config: Config, workdir: str | os.PathLike, resume: bool = Fa
     keras.utils.set_random_seed(config.seed)
     method = make_method(config, scenario)
     monitor = monitoring.Monitor(path / "tb", config, scenario)
-    rows = {"acc": [], "aware": [], "best": [], "replay": [], "summaries": [], "wall": []}
+    rows = {"acc": [], "aware": [], "best": [], "replay": [], "summaries": [], "wall": [], "time": []}
     first_task, resume_mid_task = 0, False
     if latest is None:
         if resume:
@@ -336,6 +421,7 @@ def run_experiment(config: Config, workdir: str | os.PathLike, resume: bool = Fa
     else:
         st = latest.state
         rows = st["engine"]
+        rows.setdefault("time", [None] * len(rows["wall"]))  # checkpoints from before the breakdown
         monitor.restore(st["monitor"])
         if st["phase"] == "task_end":
             method.restore_checkpoint(st["method"], latest.arrays, latest.shared, task=None)
@@ -350,7 +436,7 @@ def run_experiment(config: Config, workdir: str | os.PathLike, resume: bool = Fa
         list(scenario.class_order), len(scenario.tasks[0].x_train),
     )
 
-    def save(phase, task_index, epochs_done, selection, elapsed):
+    def save(phase, task_index, epochs_done, selection, elapsed, stopwatch=None):
         method_state, arrays, shared = method.checkpoint_state(during_task=phase == "epoch")
         if selection is not None:
             arrays.update(selection.arrays())
@@ -359,7 +445,8 @@ def run_experiment(config: Config, workdir: str | os.PathLike, resume: bool = Fa
                 "phase": phase, "task": task_index, "epochs_done": epochs_done,
                 "engine": rows, "method": method_state, "monitor": monitor.state(),
                 "selection": None if selection is None else selection.state(),
-                "task_elapsed_s": elapsed, "config": config.as_dict(),
+                "task_elapsed_s": elapsed, "task_time_s": None if stopwatch is None else stopwatch.totals,
+                "config": config.as_dict(),
             },
             arrays, shared,
         )
@@ -384,31 +471,49 @@ def _run_task(config, scenario, path, method, monitor, task, rows, save, resume_
     selection = ValidationSelection(method, scenario.tasks[: t + 1], config.eval_every, config.epochs)
     if resume_from is not None:
         st = resume_from.state
-        method.restore_checkpoint(st["method"], resume_from.arrays, resume_from.shared, task=task)
-        selection.restore(st["selection"], resume_from.arrays)
+        clock = Stopwatch(st.get("task_time_s"))
+        with clock.phase("begin_task"):
+            method.restore_checkpoint(st["method"], resume_from.arrays, resume_from.shared, task=task)
+            selection.restore(st["selection"], resume_from.arrays)
         initial_epoch, before = st["epochs_done"], st["task_elapsed_s"]
     else:
-        method.begin_task(task)
+        clock = Stopwatch()
+        with clock.phase("begin_task"):
+            method.begin_task(task)
         initial_epoch, before = 0, 0.0
+
+    def elapsed():
+        return before + time.perf_counter() - start
+
     callbacks = [
-        selection,
+        StepTimer(clock),
+        TimedCallback(selection, clock, "validation"),
         ProgressLogger(t, T, config.epochs, initial_epoch),
-        monitor.callback(method, task),
+        TimedCallback(monitor.callback(method, task), clock, "monitoring"),
         NonFiniteGuard(t),
-        EpochCheckpoint(lambda done: save("epoch", t, done, selection, before + time.perf_counter() - start)),
+        TimedCallback(EpochCheckpoint(lambda done: save("epoch", t, done, selection, elapsed(), clock)),
+                      clock, "checkpoint"),
     ]
     method.train_task(task, callbacks, initial_epoch=initial_epoch)
-    class_il, task_aware = evaluate(method, scenario.tasks[: t + 1], "test")
-    best_test = selection.finish(class_il)
-    method.end_task(task)
-    grid = write_sample_grid(method, scenario, t, path, config)
+    with clock.phase("evaluation"):
+        class_il, task_aware = evaluate(method, scenario.tasks[: t + 1], "test")
+        best_test = selection.finish(class_il)
+    with clock.phase("end_task"):
+        method.end_task(task)
+    with clock.phase("samples"):
+        grid = write_sample_grid(method, scenario, t, path, config)
     if config.export:
-        exported = export.export_task(method, scenario, t + 1, path / "export")
+        with clock.phase("export"):
+            exported = export.export_task(method, scenario, t + 1, path / "export")
         logging.info("exported %s", ", ".join(f"{k} -> {v}" for k, v in sorted(exported.items())))
-    rows["replay"].append(
-        replay_accuracy(method, scenario, t, REPLAY_EVAL_PER_CLASS, seed=config.seed + 104729 * (t + 1))
-    )
-    rows["wall"].append(round(before + time.perf_counter() - start, 3))
+    with clock.phase("evaluation"):
+        rows["replay"].append(
+            replay_accuracy(method, scenario, t, REPLAY_EVAL_PER_CLASS, seed=config.seed + 104729 * (t + 1))
+        )
+    # The task's wall time ends here: its results.json, TensorBoard summaries and
+    # end-of-task checkpoint are written after it is recorded.
+    rows["wall"].append(round(elapsed(), 3))
+    rows["time"].append(clock.breakdown(rows["wall"][-1]))
     rows["acc"].append(class_il)
     rows["aware"].append(task_aware)
     rows["best"].append(best_test)
@@ -421,6 +526,10 @@ def _run_task(config, scenario, path, method, monitor, task, rows, save, resume_
         "task %d/%d done in %.0fs: A_%d=%.4f  accuracies %s",
         t + 1, T, rows["wall"][-1], t + 1, results["average_accuracy"][-1],
         " ".join(f"{a:.3f}" for a in class_il),
+    )
+    logging.info(
+        "task %d/%d time: %s", t + 1, T,
+        ", ".join(f"{name} {seconds:.1f}s" for name, seconds in rows["time"][-1].items() if seconds),
     )
     return results
 
@@ -455,6 +564,8 @@ def _results(config, scenario, rows) -> dict:
         "generator_params": [s.get("generator_params") for s in summaries],
         "method_state": summaries,
         "wall_time_s": list(wall),
+        # Per task, the seconds of each phase of Stopwatch.PHASES and "other".
+        "time_breakdown_s": list(rows.get("time") or [None] * len(wall)),
         # Versions and oneDNN on/off: both change float rounding, so a result is
         # reproduced bit for bit only under the same runtime.
         "runtime": runtime.describe(),

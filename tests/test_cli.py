@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from dgm_tf import main as cli
+from dgm_tf.engine import Stopwatch
 from dgm_tf.config import Config, ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -80,6 +81,16 @@ def test_run_writes_results_with_documented_keys(tiny_run):
     p0, p1 = results["generator_params"]
     assert p1 >= p0 > 0
     assert len(results["wall_time_s"]) == 2 and all(w > 0 for w in results["wall_time_s"])
+    # Where each task's wall time went: the phases and "other" add up to it.
+    for wall, phases in zip(results["wall_time_s"], results["time_breakdown_s"]):
+        assert sorted(phases) == sorted(Stopwatch.PHASES + ("other",))
+        assert sum(phases.values()) == pytest.approx(wall, abs=0.01)
+        # No phase is counted twice ("other" >= 0), and the phases claim most of it.
+        assert min(phases.values()) >= -0.01 and phases["other"] < 0.2 * wall
+        # The first step traces the task's graph; TINY trains 2 epochs of 2 steps.
+        assert phases["first_step"] > phases["iterations"] / 3 > 0
+        for name in ("begin_task", "validation", "monitoring", "checkpoint", "evaluation", "export"):
+            assert phases[name] > 0, name
     # main turns TensorFlow's oneDNN kernels on when the user has not chosen (README).
     assert results["runtime"] == {"tensorflow": tf.__version__, "keras": keras.__version__, "onednn": True}
 

@@ -32,7 +32,11 @@ def run_killed(point, *args):
 
 def _final_state(workdir):
     results = json.loads((workdir / "results.json").read_text())
-    results.pop("wall_time_s")
+    for wall, phases in zip(results.pop("wall_time_s"), results.pop("time_breakdown_s")):
+        # A resumed task's phases carry on from its checkpoint: none is lost or doubled.
+        assert sum(phases.values()) == pytest.approx(wall, abs=0.01)
+        assert min(phases.values()) >= -0.01 and phases["other"] < 0.2 * wall
+        assert phases["first_step"] > 0 and phases["iterations"] > 0
     latest = CheckpointManager(workdir / "ckpt").latest()
     assert latest.state["phase"] == "task_end"
     return results, latest.arrays
