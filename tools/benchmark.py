@@ -58,17 +58,23 @@ flags.DEFINE_string("output", "benchmark.json", "Where to write the JSON report.
 FLAGS = flags.FLAGS
 
 
-def _median_ms(fn, args, warmup, iterations, repeats) -> float:
-    for _ in range(warmup):
-        fn(*args)
-    times = []
+def _interleaved_medians(fns: dict, args, warmup, iterations, repeats) -> dict[str, float]:
+    """Median ms per call of each function in ``fns``. Every repeat times each function
+    in turn, so all of them see the same machine conditions: on a shared (virtual)
+    machine the speed drifts over a minute, and timing one function after the other
+    moved the iteration/floor ratio at task 4 from 1.04-1.07 to 1.21 in one run."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            _block(fn(*args))
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(iterations):
-            out = fn(*args)
-        _block(out)
-        times.append((time.perf_counter() - start) / iterations * 1000.0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(iterations):
+                out = fn(*args)
+            _block(out)
+            times[name].append((time.perf_counter() - start) / iterations * 1000.0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _block(out):
@@ -212,8 +218,6 @@ def benchmark_task(config, scenario, task_index: int, xla: bool) -> dict:
     start = time.perf_counter()
     _block(step(batch))
     trace_s = time.perf_counter() - start
-    iteration_ms = _median_ms(step, (batch,), **timing)
-
     replay_x = batch.get("replay_x", ())
 
     def classifier_phase(batch):  # the step's own chunk loop
@@ -226,8 +230,10 @@ def benchmark_task(config, scenario, task_index: int, xla: bool) -> dict:
         "critic": tf.function(lambda batch: trainer.critic_update(batch["x"], batch["y"]), jit_compile=xla),
         "generator": tf.function(lambda batch: trainer.generator_update(batch["y"]), jit_compile=xla),
     }
-    phase_ms = {name: _median_ms(fn, (batch,), **timing) for name, fn in phases.items()}
-    floor_ms = _median_ms(tf.function(floor_function(trainer), jit_compile=xla), (batch,), **timing)
+    floor = tf.function(floor_function(trainer), jit_compile=xla)
+    ms = _interleaved_medians({"iteration": step, "floor": floor, **phases}, (batch,), **timing)
+    iteration_ms, floor_ms = ms.pop("iteration"), ms.pop("floor")
+    phase_ms = ms
 
     tasks = scenario.tasks[: task_index + 1]
     start = time.perf_counter()
