@@ -332,8 +332,9 @@ class Stopwatch:
 class StepTimer(keras.callbacks.Callback):
     """Adds each training step's time to ``stopwatch``: the first one this process
     runs for the task as ``first_step`` (a resumed task traces again), the rest as
-    ``iterations``. Steps are synchronous here: the other callbacks' batch hooks keep
-    Keras from dispatching them asynchronously, and they read the step's values."""
+    ``iterations``. The window between its batch hooks holds the whole step: eager
+    TensorFlow runs the step's function synchronously, and a callback with a batch-end
+    hook makes Keras call the hooks in line rather than on its async callback thread."""
 
     def __init__(self, stopwatch: Stopwatch):
         super().__init__()

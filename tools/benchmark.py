@@ -60,9 +60,11 @@ FLAGS = flags.FLAGS
 
 def _interleaved_medians(fns: dict, args, warmup, iterations, repeats) -> dict[str, float]:
     """Median ms per call of each function in ``fns``. Every repeat times each function
-    in turn, so all of them see the same machine conditions: on a shared (virtual)
-    machine the speed drifts over a minute, and timing one function after the other
-    moved the iteration/floor ratio at task 4 from 1.04-1.07 to 1.21 in one run."""
+    in turn, so all of them see the same machine conditions. Timed one after the other
+    on this shared virtual machine, the iteration/floor ratio at task 4 ranged from
+    1.04 to 1.21 between runs of the same code; interleaved it was 1.12-1.14, and the
+    iteration time matches a real run's steps, which also alternate with other graphs
+    (validation, summaries) every epoch (README, Performance)."""
     for fn in fns.values():
         for _ in range(warmup):
             _block(fn(*args))
