@@ -566,7 +566,7 @@ def _results(config, scenario, rows) -> dict:
         "method_state": summaries,
         "wall_time_s": list(wall),
         # Per task, the seconds of each phase of Stopwatch.PHASES and "other".
-        "time_breakdown_s": list(rows.get("time") or [None] * len(wall)),
+        "time_breakdown_s": list(rows["time"]),
         # Versions and oneDNN on/off: both change float rounding, so a result is
         # reproduced bit for bit only under the same runtime.
         "runtime": runtime.describe(),

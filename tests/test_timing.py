@@ -55,9 +55,10 @@ def test_timed_callback_forwards_hooks_logs_and_model():
 def test_step_timer_counts_the_first_step_apart():
     clock = Stopwatch()
     timer = StepTimer(clock)
-    for batch, seconds in enumerate((0.05, 0.01, 0.01)):
+    # A long first step, so that a loaded machine's sleep overruns cannot blur the two.
+    for batch, seconds in enumerate((0.2, 0.01, 0.01)):
         timer.on_train_batch_begin(batch)
         time.sleep(seconds)
         timer.on_train_batch_end(batch)
-    assert 0.05 <= clock.totals["first_step"] < 0.09
-    assert 0.02 <= clock.totals["iterations"] < 0.06
+    assert clock.totals["first_step"] >= 0.2
+    assert 0.02 <= clock.totals["iterations"] < 0.2
