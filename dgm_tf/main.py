@@ -9,7 +9,13 @@ library (``dgm_tf.engine.run_experiment``) receives.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import logging as py_logging
+import os
+import re
 import sys
+import time
+from typing import Sequence
 
 from absl import app, flags, logging
 
@@ -73,8 +79,26 @@ flags.DEFINE_float("mas_lambda", _D.mas_lambda, "mas: weight of the importance-w
 FLAGS = flags.FLAGS
 
 
-def config_from_flags() -> Config:
-    """The validated Config the flags describe (raises ConfigError)."""
+def _last_positions(argv: Sequence[str], names: Sequence[str]) -> dict[str, int]:
+    """Where each of ``names`` was last given in ``argv`` (flagfiles expanded in place, in
+    the order absl reads them): absl keeps only values, not which flag came last."""
+    expanded = FLAGS.read_flags_from_files(list(argv[1:]), force_gnu=True)
+    positions = {}
+    for i, arg in enumerate(expanded):
+        if arg == "--":
+            break
+        match = re.match(r"^--?(\w+)(=|$)", arg)
+        if match and match.group(1) in names:
+            positions[match.group(1)] = i
+    return positions
+
+
+def config_from_flags(argv: Sequence[str] | None = None) -> Config:
+    """The validated Config the flags describe (raises ConfigError).
+
+    ``argv`` (default ``sys.argv``) decides between ``--lr`` and ``--lr_d``/``--lr_g``: the
+    one given later wins, so a ``--lr_d`` typed after a flagfile that sets ``--lr`` counts.
+    """
     raw_order = [c.strip() for c in FLAGS.class_order]
     if len(raw_order) == 1 and raw_order[0].startswith("random:"):
         order = raw_order[0]  # validated by Config
@@ -89,8 +113,43 @@ def config_from_flags() -> Config:
     values = {f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(Config)}
     values["class_order"] = order
     if FLAGS.lr is not None:
-        values["lr_d"] = values["lr_g"] = FLAGS.lr
+        where = _last_positions(sys.argv if argv is None else argv, ("lr", "lr_d", "lr_g"))
+        for name in ("lr_d", "lr_g"):
+            if where.get(name, -1) < where.get("lr", 0):
+                values[name] = FLAGS.lr
     return Config(**values)
+
+
+def write_error_message(e: OSError) -> str:
+    """One line for a failed write: the file, the cause, and what to do about that cause."""
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        remedy = "resume with --resume once there is room"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        remedy = "make the work directory writable, then resume with --resume"
+    else:
+        remedy = "fix the cause, then resume with --resume"
+    return f"cannot write{where}: {e.strerror or e}; files written before stay intact ({remedy})"
+
+
+class ConsoleFormatter(py_logging.Formatter):
+    """One short line per record: ``HH:MM:SS message``, with ``warning:``/``error:`` in
+    front of records above INFO (absl's default prefix adds date, thread id and source
+    line, which is noise in a progress line; ``--verbosity=1`` keeps it)."""
+
+    def format(self, record: py_logging.LogRecord) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        level = "" if record.levelno <= py_logging.INFO else f"{record.levelname.lower()}: "
+        return f"{stamp} {level}{record.getMessage()}"
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def only_own_info(record: py_logging.LogRecord) -> bool:
+    """INFO records of this package, and every record above INFO: TensorFlow logs
+    through absl too, and writes about eight INFO lines per SavedModel."""
+    return record.levelno > py_logging.INFO or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR)
 
 
 def main(argv):
@@ -103,6 +162,11 @@ def main(argv):
         from dgm_tf import runtime
 
         runtime.prefer_onednn()  # before TensorFlow loads; TF_ENABLE_ONEDNN_OPTS=0 opts out
+        verbose = FLAGS.verbosity >= 1  # absl's --verbosity: 1 (debug) shows TensorFlow's own lines
+        runtime.import_tensorflow(verbose=verbose)
+        if not verbose:
+            logging.get_absl_handler().setFormatter(ConsoleFormatter())
+            logging.get_absl_handler().addFilter(only_own_info)
         from dgm_tf import engine  # TensorFlow is imported only once the flags are valid
 
         logging.info("config: %s", config)
@@ -113,9 +177,7 @@ def main(argv):
             print(f"error: {e}", file=sys.stderr)
             return 3
         except OSError as e:  # e.g. the disk filled up: name the file, keep what was written
-            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-            print(f"error: cannot write{where}: {e.strerror or e}; files written before stay intact "
-                  "(resume with --resume once there is room)", file=sys.stderr)
+            print(f"error: {write_error_message(e)}", file=sys.stderr)
             return 4
     except (ConfigError, DataError) as e:  # user errors: one line, no traceback
         print(f"error: {e}", file=sys.stderr)

@@ -1,8 +1,10 @@
 """The command line end to end: run directory contents, flagfiles, and bad input."""
 
+import errno
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -29,9 +31,10 @@ TINY = [
 
 
 def run_cli(*args, timeout=300, onednn_env=None):
-    """``python -m dgm_tf.main`` with TF_ENABLE_ONEDNN_OPTS unset, as a user's shell
-    has it (conftest sets it for this process), or set to ``onednn_env``."""
-    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    """``python -m dgm_tf.main`` with TF_ENABLE_ONEDNN_OPTS and TF_CPP_MIN_LOG_LEVEL unset,
+    as a user's shell has them (conftest sets both for this process), or oneDNN set to
+    ``onednn_env``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_ENABLE_ONEDNN_OPTS", "TF_CPP_MIN_LOG_LEVEL")}
     if onednn_env is not None:
         env["TF_ENABLE_ONEDNN_OPTS"] = onednn_env
     return subprocess.run(
@@ -48,7 +51,7 @@ def parse_flags(*args) -> Config:
     """The Config that main would build from these arguments."""
     try:
         cli.FLAGS(["dgm_tf.main", *args])
-        return cli.config_from_flags()
+        return cli.config_from_flags(["dgm_tf.main", *args])
     finally:
         cli.FLAGS.unparse_flags()
 
@@ -106,9 +109,13 @@ def test_run_exports_every_task_in_tf_serving_layout(tiny_run):
 
 def test_noexport_writes_no_export_folder(tmp_path):
     workdir = tmp_path / "wd"
-    proc = run_cli(*TINY, "--epochs=1", "--class_order=1", "--noexport", f"--workdir={workdir}", onednn_env="0")
+    proc = run_cli(*TINY, "--epochs=1", "--class_order=1", "--noexport", f"--workdir={workdir}",
+                   "--verbosity=1", onednn_env="0")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (workdir / "results.json").exists() and not (workdir / "export").exists()
+    # --verbosity=1 brings back absl's full prefix and TensorFlow's own records.
+    sources = set(LOG_RECORD.findall(proc.stderr))
+    assert "engine.py" in sources and sources - {"engine.py", "main.py"}, sources
     # A user's TF_ENABLE_ONEDNN_OPTS=0 is kept, and the run records it.
     assert json.loads((workdir / "results.json").read_text())["runtime"]["onednn"] is False
 
@@ -122,11 +129,57 @@ def test_run_writes_sample_grids_of_every_seen_class(tiny_run):
         assert np.std(png) > 10
 
 
+# A log record in absl's or TensorFlow's C++ format: "I1201 00:52:26.789895 5217 port.cc:153] ...".
+LOG_RECORD = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ (\S+):\d+\] ", re.MULTILINE)
+
+
 def test_run_prints_epoch_progress_and_summary(tiny_run):
     _, proc = tiny_run
     log = proc.stderr + proc.stdout
     assert "task 2/2 epoch 2/2" in log
     assert "A_2=" in log and "summary" in log
+    # Only the project's own lines, each "HH:MM:SS message": none of TensorFlow's start-up
+    # records, its cuInit ERROR on GPU-less machines, or the SavedModel writer's INFO lines.
+    assert not LOG_RECORD.findall(log), log[:3000]
+    for noise in ("cuInit", "absl::InitializeLog", "signature_serialization", "fingerprint.pb", "Sharding callback"):
+        assert noise not in log, noise
+    assert re.search(r"^\d\d:\d\d:\d\d task 2/2 epoch 2/2 ", log, re.MULTILINE), log[:3000]
+
+
+def test_startup_filter_keeps_warnings_and_errors_and_drops_info():
+    text = (
+        "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+        "I0000 00:00:1796086344.106851    5217 port.cc:153] oneDNN custom operations are on.\n"
+        "I0000 00:00:1796086344.179774    5217 cpu_feature_guard.cc:227] This TensorFlow binary is optimized\n"
+        "To enable the following instructions: AVX2 AVX512F FMA, in other operations, rebuild.\n"
+        "E0000 00:00:1796086345.663140    5217 cuda_platform.cc:52] failed call to cuInit: UNKNOWN ERROR (303)\n"
+        "W0000 00:00:1796086345.700000    5217 gpu_device.cc:2341] Cannot dlopen some GPU libraries.\n"
+        "Skipping registering GPU devices...\n"
+        "E0000 00:00:1796086345.800000    5217 some_op.cc:10] a real error\n"
+        "a plain line\n"
+    )
+    from dgm_tf.runtime import filter_startup_log
+
+    assert filter_startup_log(text) == (
+        "W0000 00:00:1796086345.700000    5217 gpu_device.cc:2341] Cannot dlopen some GPU libraries.\n"
+        "Skipping registering GPU devices...\n"
+        "E0000 00:00:1796086345.800000    5217 some_op.cc:10] a real error\n"
+        "a plain line\n"
+    )
+
+
+def test_lr_and_the_per_network_rates_the_later_flag_wins():
+    # configs/quickstart.cfg sets --lr; a --lr_d typed after the flagfile must count.
+    cfg = parse_flags("--flagfile=configs/quickstart.cfg", "--lr_d=0.0005")
+    assert cfg.lr_d == 0.0005
+    cfg = parse_flags("--lr=0.003", "--lr_d=0.0005")
+    assert (cfg.lr_d, cfg.lr_g) == (0.0005, 0.003)
+    cfg = parse_flags("--lr_g=0.0005", "--lr=0.003")
+    assert cfg.lr_d == cfg.lr_g == 0.003
+    cfg = parse_flags("--lr=0.003", "--lr_g=0.0005")
+    assert (cfg.lr_d, cfg.lr_g) == (0.003, 0.0005)
+    cfg = parse_flags("--flagfile=configs/quickstart.cfg", "--lr=0.001")
+    assert cfg.lr_d == cfg.lr_g == 0.001
 
 
 def test_flags_txt_reproduces_the_config(tiny_run, tmp_path):
@@ -304,3 +357,17 @@ def test_unwritable_workdir_is_one_clear_line(tmp_path):
     error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(error) == 1 and "--workdir" in error[0] and "not writable" in error[0]
     assert blocker.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("code, remedy", [
+    (errno.ENOSPC, "once there is room"),
+    (errno.EACCES, "make the work directory writable"),
+    (errno.EROFS, "make the work directory writable"),
+    (errno.EIO, "fix the cause"),
+])
+def test_write_error_names_the_file_and_the_remedy_for_its_cause(code, remedy):
+    message = cli.write_error_message(OSError(code, os.strerror(code), "/w/results.json"))
+    assert message.startswith("cannot write (/w/results.json): " + os.strerror(code))
+    assert remedy in message and "files written before stay intact" in message
+    if code != errno.ENOSPC:
+        assert "room" not in message
