@@ -16,9 +16,14 @@ $(BIN)/.installed: setup.py
 venv: $(BIN)/.installed
 
 # DGMw, 10 one-class tasks on the embedded Fashion-MNIST sample. A run never
-# overwrites an earlier one, so the quickstart's own directory is cleared first.
+# overwrites an earlier one, and an earlier quickstart may be one a user wants to
+# --resume: it is moved aside (never deleted) and the new run starts in an empty folder.
 quickstart: $(BIN)/.installed
-	rm -rf $(QUICKSTART_DIR)
+	@if [ -d $(QUICKSTART_DIR) ] && [ -n "$$(ls -A $(QUICKSTART_DIR))" ]; then \
+	  aside=$(QUICKSTART_DIR).$$(date +%Y%m%d-%H%M%S); \
+	  mv $(QUICKSTART_DIR) $$aside && \
+	  echo "make quickstart: moved the earlier run to $$aside (continue it with: $(BIN)/python -m dgm_tf.main --flagfile=$$aside/flags.txt --workdir=$$aside --resume)"; \
+	fi
 	$(BIN)/python -m dgm_tf.main --flagfile=configs/quickstart.cfg --workdir=$(QUICKSTART_DIR)
 
 test: $(BIN)/.installed
