@@ -1,4 +1,4 @@
-"""Crash-safe file writes and image-grid helpers.
+"""Crash-safe file writes, image-grid helpers and finiteness checks.
 
 The ``atomic_write_*`` functions write into a temporary file in the target's
 directory, flush and ``fsync`` it, then ``os.replace`` it onto the target.
@@ -6,6 +6,12 @@ directory, flush and ``fsync`` it, then ``os.replace`` it onto the target.
 reader sees either the old complete file or the new complete file, never a
 half-written one.  On any error the temporary file is removed and the error is
 re-raised; the target is untouched.
+
+Non-finite numbers (NaN, +-inf) in images or weights raise :class:`NonFiniteError`,
+a ``ValueError`` the engine turns into the exit of a non-finite loss (training cannot
+go on), rather than a generic error: ``image_grid`` refuses them, and
+``check_finite`` names the first non-finite array of a list of weights before they are
+checkpointed or exported.
 """
 
 from __future__ import annotations
@@ -14,20 +20,70 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "NonFiniteError",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "check_finite",
     "fsync_dir",
     "image_grid",
     "save_png",
 ]
 
 _DEFAULT_FILE_MODE = 0o644
+
+
+class NonFiniteError(ValueError):
+    """Non-finite numbers (NaN or +-inf) where only finite ones make sense: generated
+    images, weights about to be checkpointed or exported. The message says what holds
+    them and how many; training cannot go on from such values."""
+
+
+def _count_non_finite(a: np.ndarray) -> tuple[int, int]:
+    """(NaN count, infinite count) of ``a``."""
+    return int(np.count_nonzero(np.isnan(a))), int(np.count_nonzero(np.isinf(a)))
+
+
+def _named_values(values) -> Iterable[tuple[str, Any]]:
+    if isinstance(values, Mapping):
+        return ((str(k), v) for k, v in values.items())
+    return (
+        (str(getattr(v, "path", None) or getattr(v, "name", None) or f"#{i}"), v)
+        for i, v in enumerate(values)
+    )
+
+
+def check_finite(values: Mapping[str, Any] | Iterable[Any], what: str = "weights") -> None:
+    """Raises :class:`NonFiniteError` naming the first array of ``values`` that holds
+    NaN or an infinity.
+
+    Args:
+        values: ``{name: array}`` (e.g. a checkpoint's arrays) or a sequence of
+            arrays or variables (Keras/TF variables are named by ``.path`` or
+            ``.name``, plain arrays by their position ``#i``). Integer and boolean
+            arrays are skipped (always finite).
+        what: What the values are, for the message ("classifier weights").
+    """
+    for name, value in _named_values(values):
+        a = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+        if a.dtype.kind in "biu":
+            continue
+        try:
+            finite = np.isfinite(a)
+        except TypeError:  # strings, objects: nothing to check
+            continue
+        if not finite.all():
+            nan, inf = _count_non_finite(a)
+            raise NonFiniteError(
+                f"non-finite {what}: {name!r} (shape {tuple(a.shape)}) holds {nan} NaN and {inf} "
+                f"infinite values of {a.size}"
+            )
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
@@ -138,8 +194,10 @@ def image_grid(images: np.ndarray, ncols: int, pad: int = 2, pad_value: float = 
         ``[rows * (H + pad) + pad, ncols * (W + pad) + pad, C]``.
 
     Raises:
-        ValueError: on a wrong shape, ``N == 0``, ``ncols < 1``, ``pad < 0``,
-            NaN pixels or a NaN ``pad_value``.
+        NonFiniteError: (a ``ValueError``) if a pixel is NaN or infinite; the
+            message counts the images holding them and names the first.
+        ValueError: on a wrong shape, ``N == 0``, ``ncols < 1``, ``pad < 0`` or a
+            NaN ``pad_value``.
     """
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
@@ -156,8 +214,14 @@ def image_grid(images: np.ndarray, ncols: int, pad: int = 2, pad_value: float = 
     if math.isnan(float(pad_value)):
         raise ValueError("pad_value is NaN")
     images = images.astype(np.float64)
-    if np.isnan(images).any():
-        raise ValueError("images contain NaN")
+    finite = np.isfinite(images).reshape(n, -1).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        nan, inf = _count_non_finite(images)
+        raise NonFiniteError(
+            f"image grid: {bad.size} of {n} images hold non-finite pixels ({nan} NaN, {inf} "
+            f"infinite), the first is image {int(bad[0])}"
+        )
 
     ncols = int(ncols)
     pad = int(pad)

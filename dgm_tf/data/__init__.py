@@ -8,7 +8,15 @@ Typical use::
         ...  # task.x_train float32 [n, 32, 32, C] in [-1, 1], task.y_train int32 model labels
 """
 
-from dgm_tf.data.scenario import Scenario, TaskData, make_scenario, resolve_class_order, to_model_images
+from dgm_tf.data.scenario import (
+    Scenario,
+    TaskData,
+    fingerprint_differences,
+    make_scenario,
+    resolve_class_order,
+    scenario_fingerprint,
+    to_model_images,
+)
 from dgm_tf.data.sources import (
     FASHION_MNIST_CLASS_NAMES,
     DataError,
@@ -22,8 +30,10 @@ __all__ = [
     "RawDataset",
     "Scenario",
     "TaskData",
+    "fingerprint_differences",
     "load_dataset",
     "make_scenario",
     "resolve_class_order",
+    "scenario_fingerprint",
     "to_model_images",
 ]

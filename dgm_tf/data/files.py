@@ -35,7 +35,9 @@ uniform.
 
 from __future__ import annotations
 
+import collections
 import decimal
+import math
 import numbers
 import os
 import pathlib
@@ -261,6 +263,63 @@ def _open_npz(path: pathlib.Path):
         raise DataError(f"{path}: corrupt or truncated .npz file ({e})") from None
 
 
+# deflate expands at most 1032:1 (https://zlib.net/zlib_tech.html); other zip
+# methods numpy never writes are held to the same bound.
+_DEFLATE_MAX_RATIO = 1032
+
+
+def _npy_header(member) -> tuple[tuple[int, ...], np.dtype, int] | None:
+    """(shape, dtype, header size) of an open .npy stream, or None if its format
+    version has no public header reader (numpy then checks the member itself)."""
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+    else:
+        return None
+    return tuple(int(d) for d in shape), np.dtype(dtype), member.tell()
+
+
+def _check_npz_sizes(path: pathlib.Path, keys: Sequence[str]) -> None:
+    """Refuses members of the archive that declare more than they can hold, before
+    numpy allocates what they declare: an .npy header's shape times item size must
+    fit in the member's size, and that size in what its compressed bytes can expand to
+    (a forged or damaged file would otherwise exhaust memory with no message)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            for key in keys:
+                name = f"{key}.npy" if f"{key}.npy" in names else key
+                info = zf.getinfo(name)
+                if info.compress_type != zipfile.ZIP_STORED:
+                    bound = _DEFLATE_MAX_RATIO * info.compress_size + 4096
+                    if info.file_size > bound:
+                        raise DataError(
+                            f"{path}: array {key!r}: member {name} claims {info.file_size} bytes "
+                            f"uncompressed from {info.compress_size} compressed, more than deflate can "
+                            "expand to; the file is corrupt"
+                        )
+                with zf.open(info) as member:
+                    header = _npy_header(member)
+                if header is None:
+                    continue
+                shape, dtype, header_size = header
+                if dtype.hasobject:
+                    continue  # refused when loaded (pickles are never loaded)
+                needed = math.prod(shape) * dtype.itemsize
+                if header_size + needed > info.file_size:
+                    raise DataError(
+                        f"{path}: array {key!r} declares shape {shape} of {dtype} ({needed} bytes) but its "
+                        f"member {name} holds only {info.file_size - header_size} bytes of data; the file "
+                        "is corrupt or truncated"
+                    )
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise DataError(f"{path}: corrupt or truncated .npz file ({e})") from None
+
+
 def _npz_array(npz, path: pathlib.Path, key: str) -> np.ndarray:
     """Reads one array of an open npz archive, translating errors to DataError."""
     try:
@@ -275,6 +334,8 @@ def _npz_array(npz, path: pathlib.Path, key: str) -> np.ndarray:
         raise DataError(f"{path}: corrupt array {key!r} ({e})") from None
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise DataError(f"{path}: corrupt or truncated .npz file: array {key!r}: {e}") from None
+    except MemoryError:
+        raise DataError(f"{path}: array {key!r} does not fit in memory") from None
 
 
 def _npz_keys(path: pathlib.Path, keys: Sequence[str]) -> tuple[str, ...]:
@@ -365,7 +426,7 @@ def _npz_class_names(a: np.ndarray, path: pathlib.Path) -> tuple[str, ...]:
     for i, name in enumerate(names):
         if not name.strip():
             raise DataError(f"{path}: 'class_names' entry {i} is empty")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    duplicates = sorted(n for n, k in collections.Counter(names).items() if k > 1)
     if duplicates:
         raise DataError(f"{path}: 'class_names' has duplicate names {duplicates}")
     return names
@@ -412,6 +473,7 @@ def load_npz(path: str | os.PathLike[str], *, test_fraction: float, seed: int) -
     path = pathlib.Path(os.path.expanduser(os.fspath(path)))
     with _open_npz(path) as npz:
         layout = _npz_keys(path, npz.files)
+        _check_npz_sizes(path, [*layout, *(["class_names"] if "class_names" in npz.files else [])])
         raw = {key: _npz_array(npz, path, key) for key in layout}
         names_array = _npz_array(npz, path, "class_names") if "class_names" in npz.files else None
 
@@ -559,8 +621,9 @@ def _read_classes(
     """Reads the images of the class folders ``present`` in ``split_dir``."""
     images: list[np.ndarray] = []
     labels: list[int] = []
+    ids = {name: i for i, name in enumerate(class_names)}  # not list.index: O(K) per class
     for name in present:
-        class_id = class_names.index(name)
+        class_id = ids[name]
         for file in _image_files(split_dir / name):
             images.append(reader.read(file))
             labels.append(class_id)
@@ -636,7 +699,8 @@ def load_folder(
                 f"{test_dir}: no class sub-folders (expected {test_dir}/<class_name>/<image "
                 "files>)"
             )
-        unknown = [name for name in test_classes if name not in class_names]
+        known = set(class_names)
+        unknown = [name for name in test_classes if name not in known]
         if unknown:
             raise DataError(
                 f"{test_dir}: class folder(s) {unknown} have no counterpart in {train_dir}; "

@@ -21,8 +21,8 @@ dimension sizes, then the data in C order, big-endian.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import gzip
 import importlib.resources
 import math
 import os
@@ -189,25 +189,73 @@ def _describe(a: object) -> str:
 # --------------------------------------------------------------------------- IDX
 
 
-def _read_maybe_gzipped(path: pathlib.Path) -> bytes:
-    """Returns the bytes of ``path``, gunzipped if it starts with the gzip magic."""
+def _read_file(path: pathlib.Path) -> bytes:
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read file: {e.strerror or e}") from None
-    # An IDX file always starts with two zero bytes, so the gzip magic is unambiguous.
-    if raw[:2] == _GZIP_MAGIC:
+
+
+class _Gunzip:
+    """Stream-decompresses gzip data (one or more members) on demand, so that no more
+    is inflated than the caller asks for: the IDX header says how much to expect, and a
+    gzip bomb (a small file inflating to gigabytes) is stopped at that size."""
+
+    _STEP = 1 << 20  # output produced per zlib call
+
+    def __init__(self, path: pathlib.Path, compressed: bytes):
+        self.path = path
+        self.output = bytearray()
+        self._input = memoryview(compressed)
+        self._d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self.ended = False  # every member inflated completely
+
+    def fill(self, size: int) -> bytearray:
+        """Inflates until ``output`` holds ``size`` bytes or the data ends."""
         try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{path}: corrupt or truncated gzip data: {e}") from None
-    return raw
+            while len(self.output) < size and not self.ended:
+                room = min(size - len(self.output), self._STEP)
+                if self._d.eof:  # a member ended: another one, or the end
+                    rest = self._d.unused_data.lstrip(b"\0")  # zero padding between members, as gzip
+                    if not rest:
+                        self.ended = True
+                        break
+                    if rest[:2] != _GZIP_MAGIC:
+                        raise DataError(f"{self.path}: corrupt gzip data: garbage after the compressed data")
+                    self._d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                    self._input = memoryview(rest)
+                chunk = self._d.decompress(self._input, room)
+                self._input = memoryview(self._d.unconsumed_tail)
+                self.output += chunk
+                if not chunk and not self._input and not self._d.eof:
+                    raise DataError(
+                        f"{self.path}: corrupt or truncated gzip data: the file ends before the end of "
+                        "the compressed stream"
+                    )
+        except zlib.error as e:
+            raise DataError(f"{self.path}: corrupt or truncated gzip data: {e}") from None
+        return self.output
+
+
+# deflate expands at most 1032:1 (zlib's technical limit: a 258-byte match per
+# 2-bit code, https://zlib.net/zlib_tech.html), so a gzip file of n bytes cannot
+# hold more than about 1032 n.
+_DEFLATE_MAX_RATIO = 1032
+
+
+def _max_inflated(compressed_size: int) -> int:
+    return _DEFLATE_MAX_RATIO * compressed_size + 4096
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Reads one IDX file, plain or gzip-compressed.
+
+    Memory stays bounded by what the file can hold: a plain file's header must
+    account for its size exactly, a gzip file is inflated only up to the size its
+    header declares (plus one byte, to see trailing data), and a header declaring more
+    than deflate can expand the compressed bytes to is refused before inflating.
 
     Args:
         path: The file.  Gzip compression is detected from the content, not the
@@ -220,10 +268,18 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     Raises:
         DataError: naming the file, if it is missing or unreadable, is not gzip
             or IDX (bad magic number), holds fewer bytes than its header
-            promises (truncated) or more (trailing garbage).
+            promises (truncated) or more (trailing garbage), or is gzip data
+            whose header declares more than it can hold.
     """
     path = pathlib.Path(path)
-    data = _read_maybe_gzipped(path)
+    raw = _read_file(path)
+    # An IDX file always starts with two zero bytes, so the gzip magic is unambiguous.
+    gz = _Gunzip(path, raw) if raw[:2] == _GZIP_MAGIC else None
+
+    def head(n: int):
+        return gz.fill(n) if gz is not None else raw
+
+    data = head(4)
     if len(data) < 4:
         raise DataError(
             f"{path}: truncated IDX file: {len(data)} bytes, shorter than the 4-byte magic number"
@@ -237,6 +293,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
             "0x00000803 for images, 0x00000801 for labels)"
         )
     header_size = 4 + 4 * ndim
+    data = head(header_size)
     if len(data) < header_size:
         raise DataError(
             f"{path}: truncated IDX file: {len(data)} bytes, shorter than its "
@@ -246,18 +303,27 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     dtype = _IDX_DTYPES[type_code]
     count = math.prod(shape)
     expected = header_size + count * dtype.itemsize
+    if gz is not None and expected > _max_inflated(len(raw)):
+        raise DataError(
+            f"{path}: corrupt IDX file: the header declares shape {shape} ({expected} bytes) but "
+            f"{len(raw)} bytes of gzip data cannot hold more than {_max_inflated(len(raw))} "
+            "(a damaged header or a decompression bomb)"
+        )
+    data = head(expected + 1)  # one more: is there anything after the data?
     if len(data) < expected:
         raise DataError(
             f"{path}: truncated IDX file: the header promises shape {shape} "
             f"({expected} bytes with the header) but there are only {len(data)} bytes"
         )
     if len(data) > expected:
+        extra = f"{len(data) - expected} bytes" if gz is None else "data"
         raise DataError(
-            f"{path}: corrupt IDX file: {len(data) - expected} bytes after the "
-            f"{shape} data the header declares"
+            f"{path}: corrupt IDX file: {extra} after the {shape} data the header declares"
         )
-    array = np.frombuffer(data, dtype=dtype, count=count, offset=header_size)
-    return array.reshape(shape).astype(dtype.newbyteorder("="))
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=header_size).reshape(shape)
+    if gz is not None and dtype.isnative:
+        return array  # over the inflated bytearray: already a new, writable array
+    return array.astype(dtype.newbyteorder("="))
 
 
 def _find_idx_file(directory: pathlib.Path, base: str) -> pathlib.Path:
@@ -281,6 +347,11 @@ def _read_images(path: pathlib.Path) -> np.ndarray:
         raise DataError(
             f"{path}: expected unsigned-byte images with 3 dimensions [N, H, W] (or 4 with "
             f"channels), got dtype {x.dtype} shape {x.shape}"
+        )
+    if x.ndim == 4 and x.shape[-1] not in (1, 3):
+        raise DataError(
+            f"{path}: images have {x.shape[-1]} channels (shape {x.shape}); they must have 1 "
+            "(grayscale) or 3 (RGB) channels in the last dimension"
         )
     return x[..., np.newaxis] if x.ndim == 3 else x
 
@@ -311,7 +382,7 @@ def _read_class_names_file(path: pathlib.Path) -> tuple[str, ...]:
     for i, name in enumerate(names):
         if not name:
             raise DataError(f"{path}: line {i + 1} is empty (expected one name per line)")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    duplicates = sorted(n for n, k in collections.Counter(names).items() if k > 1)
     if duplicates:
         raise DataError(f"{path}: duplicate class names {duplicates}")
     return names
