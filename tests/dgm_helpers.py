@@ -1,0 +1,111 @@
+"""A tiny multi-task DGM run that records, at every task boundary, what the tests of
+``tests/test_dgm.py`` assert on (one run per mask kind, shared by several tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import tensorflow as tf
+
+from dgm_tf.models import Generator
+
+
+def snapshot(model) -> dict[str, np.ndarray]:
+    """Copies of every variable of ``model``, by path."""
+    return {v.path: v.numpy().copy() for v in model.weights}
+
+
+def clone_generator(generator: Generator) -> Generator:
+    """An independent generator with the same architecture and weights (moving BN
+    statistics included), so a test can call it in training mode without touching the
+    recorded one."""
+    clone = Generator.from_config(generator.get_config())
+    assert [tuple(v.shape) for v in clone.weights] == [tuple(v.shape) for v in generator.weights]
+    for target, source in zip(clone.weights, generator.weights):
+        target.assign(source.numpy())
+    return clone
+
+
+@dataclass
+class TaskRecord:
+    """What one task of the run looked like (all arrays are copies)."""
+
+    index: int
+    widths_at_begin: tuple[int, ...]
+    kernel_shapes: list[tuple[int, ...]]
+    kernel_paths: list[str]
+    reserved_at_begin: list[np.ndarray] | None  # the method's (padded) reserved masks
+    trainer_reserved: list[np.ndarray] | None  # what the trainer's regulariser excludes
+    grad_masks: list[np.ndarray] | None  # the trainer's kernel gradient factors
+    replay: list[tuple[np.ndarray, np.ndarray]]
+    generator_at_begin: Generator  # a clone: the generator the replay set was drawn from
+    before_training: dict[str, np.ndarray]  # generator variables by path
+    after_training: dict[str, np.ndarray]
+    masks_at_smax: list[np.ndarray]  # the task's masks at smax after training
+    reserved_after: list[np.ndarray]  # the method's reserved masks after end_task
+    history: dict
+    pending_growth: tuple[int, ...]
+    old_task_variables: list[str]  # paths of every variable of tasks < index
+    task0_images: np.ndarray | None = None  # task 0's images (fixed noise) after this task
+
+
+@dataclass
+class Run:
+    method: object
+    tasks: list[TaskRecord] = field(default_factory=list)
+    task0_noise: tuple[np.ndarray, np.ndarray] | None = None  # (z, labels)
+
+
+def old_task_variable_paths(generator: Generator, task: int) -> list[str]:
+    """Variables only tasks before ``task`` use: their embeddings, BatchNorms (moving
+    statistics included) and output heads (per class for DGMw, per task for DGMa)."""
+    paths = []
+    for conv, bn in zip(generator.masked_convs, generator.batch_norms):
+        for k in range(task):
+            paths.append(conv.task_embeddings[k].path)
+            paths += [bn.gammas[k].path, bn.betas[k].path, bn.moving_means[k].path, bn.moving_variances[k].path]
+    for k in range(task):
+        heads = (k,) if generator.head_per_task else generator.task_classes[k]
+        paths += [generator.heads.kernels[h].path for h in heads]
+    return paths
+
+
+def run_tasks(method, tasks) -> Run:
+    """begin_task, train_task, end_task for each task in order, recording each step."""
+    run = Run(method)
+    smax = method.config.smax
+    for task in tasks:
+        method.begin_task(task)
+        g = method.generator
+        trainer = method.trainer
+        record = dict(
+            index=task.index,
+            widths_at_begin=tuple(g.widths),
+            kernel_shapes=[tuple(c.kernel.shape) for c in g.masked_convs],
+            kernel_paths=[c.kernel.path for c in g.masked_convs],
+            reserved_at_begin=None if method.reserved is None else [r.copy() for r in method.reserved],
+            trainer_reserved=None if trainer.reserved is None else [r.numpy() for r in trainer.reserved],
+            grad_masks=None if trainer.kernel_grad_masks is None else [m.numpy() for m in trainer.kernel_grad_masks],
+            replay=[(x.copy(), y.copy()) for x, y in method.replay],
+            generator_at_begin=clone_generator(g),
+            before_training=snapshot(g),
+            old_task_variables=old_task_variable_paths(g, task.index),
+        )
+        method.train_task(task, [])
+        record["after_training"] = snapshot(g)
+        record["masks_at_smax"] = [m.numpy() for m in g.masks(task.index, smax)]
+        method.end_task(task)
+        record.update(
+            reserved_after=[r.copy() for r in method.reserved],
+            history=dict(method.history[-1]),
+            pending_growth=tuple(method.pending_growth),
+        )
+        if run.task0_noise is None:
+            labels = np.repeat(np.array(g.task_classes[0], np.int32), 8)
+            z = g.noise(tf.constant(labels), tf.random.Generator.from_seed(3)).numpy()
+            run.task0_noise = (z, labels)
+        z, labels = run.task0_noise
+        record["task0_images"] = g(tf.constant(z), tf.constant(labels), task=0, s=smax, training=False).numpy()
+        run.tasks.append(TaskRecord(**record))
+    return run
