@@ -283,6 +283,7 @@ def main(argv):
     del argv
     import dataclasses
 
+    runtime.import_tensorflow(verbose=FLAGS.verbosity >= 1)  # TensorFlow's start-up noise hidden, as in main
     import keras
 
     from dgm_tf.engine import build_scenario
