@@ -58,6 +58,9 @@ class Config:
     log_every_steps: int = 50  # TensorBoard: iterations between per-step summaries
     export: bool = True  # write export/classifier/<t+1> (and generator/) SavedModels per task
     precision: str = "float32"  # Keras dtype policy of both networks (see PRECISIONS)
+    # Put the best-validation epoch's classifier back at the end of every task, before
+    # evaluation, export, checkpoint and end_task (False: the reference's last epoch).
+    restore_best: bool = True
 
     # Networks (reference MNIST DGMw).
     nz: int = 128

@@ -1,4 +1,5 @@
-"""The task loop shared by every method: begin task, fit, evaluate, end task, write.
+"""The task loop shared by every method: begin task, fit, put back the best validation
+epoch's classifier (``--restore_best``), evaluate, end task, write.
 
 ``run_experiment(config, workdir)`` is the library's entry point; ``dgm_tf.main`` only
 turns flags into a ``Config`` and calls it. Everything a run writes goes under
@@ -110,14 +111,23 @@ def evaluate(method: ContinualMethod, tasks: Sequence[TaskData], split: str) -> 
 
 class ValidationSelection(keras.callbacks.Callback):
     """Every ``every`` epochs (and after the last), evaluate validation accuracy on all
-    seen tasks; the test row reported for the task is that of the epoch with the best
-    mean validation accuracy (the reference's reported figure: approaches/DGMw.py
-    ``valid``).
+    seen tasks and keep a copy of the classifier (``method.classifier_weights()``:
+    weights and BN statistics) of the epoch with the best mean validation accuracy.
 
-    The reference evaluates the test split at every such epoch. Here the classifier's
-    weights are copied when validation improves and the test split is evaluated once,
-    in ``finish``: the same row, without a test pass per improvement (up to 10,000
-    images each at task 10 of split MNIST; README, Performance).
+    Candidates: epochs 0, every, 2·every, ... (0-based, the reference's
+    ``epoch % 2 == 0``) and the last epoch, which is always evaluated (the reference
+    validates once more after its loop); with ``every`` >= epochs that is the first and
+    the last epoch. Ties: an epoch replaces the best only when its mean is strictly
+    higher, so of equal means the earliest epoch wins, as in the reference
+    (approaches/DGMw.py ``valid``: ``if self.best_valid_acc < acc_av``).
+
+    At the end of the task ``restore_best`` puts the kept classifier back (the engine's
+    ``--restore_best``, what Keras's ``EarlyStopping(restore_best_weights=True)`` does);
+    ``finish`` gives the best epoch's test row without keeping it (``--norestore_best``,
+    the reference's harness: it reports that row and keeps the last weights). The
+    reference evaluates the test split at every such epoch; here test is evaluated once,
+    at the end: the same row, without a test pass per improvement (up to 10,000 images
+    each at task 10 of split MNIST; README, Performance).
     """
 
     _ARRAY_PREFIX = "selection/best/"
@@ -129,9 +139,6 @@ class ValidationSelection(keras.callbacks.Callback):
         self.best_epoch: int | None = None
         self.best_weights: list[np.ndarray] | None = None
         self.best_test: list[float] | None = None  # set by ``finish``
-
-    def _network(self):
-        return self.method.classifier_for_export()[0]
 
     def state(self) -> dict:
         return {"best_val": self.best_val, "best_epoch": self.best_epoch}
@@ -153,29 +160,44 @@ class ValidationSelection(keras.callbacks.Callback):
         if epoch % self.every and epoch != self.epochs - 1:
             return
         val, _ = evaluate(self.method, self.tasks, "val")
+        # Strictly better only: the earliest of equal epochs stays (class docstring).
         if float(np.mean(val)) > self.best_val:
             self.best_val = float(np.mean(val))
             self.best_epoch = epoch
-            self.best_weights = self._network().get_weights()  # copies
+            self.best_weights = self.method.classifier_weights()  # copies
             self.best_test = None
         if logs is not None:
             logs["val_acc"] = float(np.mean(val))
 
+    def restore_best(self) -> int:
+        """Put the best epoch's classifier back; returns the epoch (0-based) whose
+        classifier is now in place. The last epoch when the best weights were not kept
+        (a checkpoint of an older version kept only the test row: logged)."""
+        if self.best_weights is None:
+            if self.best_epoch is not None:
+                logging.warning(
+                    "the checkpoint this task resumed from predates keeping the best validation epoch's "
+                    "weights: the task keeps its last epoch's classifier"
+                )
+            return self.epochs - 1
+        self.method.set_classifier_weights(self.best_weights)
+        return self.best_epoch
+
     def finish(self, final_test: list[float]) -> list[float] | None:
-        """The best epoch's test row; ``final_test`` is the row of the weights trained
-        to the end, reused when the best epoch is the last one."""
+        """The best epoch's test row, the weights in place left as they are;
+        ``final_test`` is the row of those weights, reused when the best epoch is the
+        last one (the same weights)."""
         if self.best_epoch is None or self.best_weights is None:
             return self.best_test
         if self.best_epoch == self.epochs - 1:
             self.best_test = list(final_test)
             return self.best_test
-        network = self._network()
-        current = network.get_weights()
-        network.set_weights(self.best_weights)
+        current = self.method.classifier_weights()
+        self.method.set_classifier_weights(self.best_weights)
         try:
             self.best_test, _ = evaluate(self.method, self.tasks, "test")
         finally:
-            network.set_weights(current)
+            self.method.set_classifier_weights(current)
         return self.best_test
 
 
@@ -241,6 +263,15 @@ class TrainingError(RuntimeError):
 
 # Config fields a resumed run may change: they do not change what is computed.
 RESUME_MAY_CHANGE = frozenset({"log_every_steps", "keep_checkpoints"})
+# Fields added after runs were written. A flags.txt that does not name one is of a run
+# that predates it: it reads as the default, and the run may be resumed with either
+# value (its finished tasks ran as the code then did; results.json says how).
+ADDED_AFTER_RUNS = frozenset({"restore_best"})
+
+
+def _named_flags(text: str) -> set[str]:
+    return {line.strip().partition("=")[0].lstrip("-") for line in text.splitlines()
+            if line.strip() and not line.strip().startswith("#")}
 
 
 def check_resume(workdir: pathlib.Path, config: Config) -> None:
@@ -251,11 +282,13 @@ def check_resume(workdir: pathlib.Path, config: Config) -> None:
     if not flags_path.is_file():
         raise WorkdirError(f"--workdir={workdir}: has no flags.txt, so it holds no run to resume")
     try:
-        stored = Config.from_flags_text(flags_path.read_text())
+        text = flags_path.read_text()
+        stored = Config.from_flags_text(text)
     except (OSError, ConfigError) as e:
         raise WorkdirError(f"{flags_path}: cannot read the run's flags ({e})") from None
     old, new = stored.as_dict(), config.as_dict()
-    changed = [k for k in old if old[k] != new[k] and k not in RESUME_MAY_CHANGE]
+    free = RESUME_MAY_CHANGE | (ADDED_AFTER_RUNS - _named_flags(text))
+    changed = [k for k in old if old[k] != new[k] and k not in free]
     if changed:
         diffs = "; ".join(f"--{k}: run has {old[k]!r}, now {new[k]!r}" for k in changed)
         raise ConfigError(
@@ -413,7 +446,10 @@ def run_experiment(config: Config, workdir: str | os.PathLike, resume: bool = Fa
     keras.utils.set_random_seed(config.seed)
     method = make_method(config, scenario)
     monitor = monitoring.Monitor(path / "tb", config, scenario)
-    rows = {"acc": [], "aware": [], "best": [], "replay": [], "summaries": [], "wall": [], "time": []}
+    rows = {
+        "acc": [], "aware": [], "best": [], "replay": [], "summaries": [], "wall": [], "time": [],
+        "last_acc": [], "last_aware": [], "best_epoch": [], "selected_epoch": [],
+    }
     first_task, resume_mid_task = 0, False
     if latest is None:
         if resume:
@@ -423,6 +459,8 @@ def run_experiment(config: Config, workdir: str | os.PathLike, resume: bool = Fa
         st = latest.state
         rows = st["engine"]
         rows.setdefault("time", [None] * len(rows["wall"]))  # checkpoints from before the breakdown
+        if "selected_epoch" not in rows:
+            _rows_before_restore_best(rows, config, path)
         monitor.restore(st["monitor"])
         if st["phase"] == "task_end":
             method.restore_checkpoint(st["method"], latest.arrays, latest.shared, task=None)
@@ -463,9 +501,27 @@ def run_experiment(config: Config, workdir: str | os.PathLike, resume: bool = Fa
     return results
 
 
+def _rows_before_restore_best(rows: dict, config: Config, path: pathlib.Path) -> None:
+    """Fill in the rows a checkpoint written before ``--restore_best`` lacks: its
+    finished tasks kept, evaluated and exported their last epoch's classifier."""
+    done = len(rows["acc"])
+    rows["last_acc"] = [list(r) for r in rows["acc"]]
+    rows["last_aware"] = [list(r) for r in rows["aware"]]
+    rows["best_epoch"] = [None] * done
+    rows["selected_epoch"] = [config.epochs] * done
+    if done:
+        logging.warning(
+            "%s predates --restore_best: its %d finished task(s) kept their last epoch's classifier "
+            "(results.json selected_epoch); the remaining tasks %s", path, done,
+            "restore the best validation epoch's" if config.restore_best else "keep the last epoch's",
+        )
+
+
 def _run_task(config, scenario, path, method, monitor, task, rows, save, resume_from) -> dict:
     """One task: begin it (or restore it mid-task from the checkpoint ``resume_from``),
-    train, evaluate, end it, write its outputs and checkpoint; returns the results."""
+    train, evaluate the last epoch's classifier, put back the best validation epoch's
+    (``--restore_best``) and evaluate it, end the task, write its outputs and
+    checkpoint; returns the results."""
     T = scenario.num_tasks
     t = task.index
     start = time.perf_counter()
@@ -496,9 +552,25 @@ def _run_task(config, scenario, path, method, monitor, task, rows, save, resume_
                       clock, "checkpoint"),
     ]
     method.train_task(task, callbacks, initial_epoch=initial_epoch)
+    seen = scenario.tasks[: t + 1]
+    last = config.epochs - 1
     with clock.phase("evaluation"):
-        class_il, task_aware = evaluate(method, scenario.tasks[: t + 1], "test")
-        best_test = selection.finish(class_il)
+        # The classifier trained to the task's last epoch: the reference's figure.
+        last_il, last_aware = evaluate(method, seen, "test")
+    selected = last
+    if config.restore_best:
+        # Before evaluation, end_task (MAS takes theta* and importance here), samples,
+        # export and the task-end checkpoint: all of them see the restored classifier,
+        # and methods whose classifier carries over start the next task from it.
+        with clock.phase("validation"):
+            selected = selection.restore_best()
+    with clock.phase("evaluation"):
+        if selected == last:  # the weights trained to the end (restored or not)
+            class_il, task_aware = last_il, last_aware
+        else:
+            class_il, task_aware = evaluate(method, seen, "test")
+        # Restored: the best epoch's row is the one just measured; else evaluated aside.
+        best_test = list(class_il) if selected == selection.best_epoch else selection.finish(last_il)
     with clock.phase("end_task"):
         method.end_task(task)
     with clock.phase("samples"):
@@ -518,15 +590,19 @@ def _run_task(config, scenario, path, method, monitor, task, rows, save, resume_
     rows["acc"].append(class_il)
     rows["aware"].append(task_aware)
     rows["best"].append(best_test)
+    rows["last_acc"].append(last_il)
+    rows["last_aware"].append(last_aware)
+    rows["best_epoch"].append(None if selection.best_epoch is None else selection.best_epoch + 1)
+    rows["selected_epoch"].append(selected + 1)
     rows["summaries"].append(method.task_summary())
     results = _results(config, scenario, rows)
     io_utils.atomic_write_json(path / "results.json", results)
     monitor.task_end(method, t, results, grid, rows["replay"][-1])
     save("task_end", t, config.epochs, None, rows["wall"][-1])
     logging.info(
-        "task %d/%d done in %.0fs: A_%d=%.4f  accuracies %s",
-        t + 1, T, rows["wall"][-1], t + 1, results["average_accuracy"][-1],
-        " ".join(f"{a:.3f}" for a in class_il),
+        "task %d/%d done in %.0fs: A_%d=%.4f (classifier of epoch %d; last epoch's A_%d=%.4f)  accuracies %s",
+        t + 1, T, rows["wall"][-1], t + 1, results["average_accuracy"][-1], selected + 1, t + 1,
+        results["last_epoch_average_accuracy"][-1], " ".join(f"{a:.3f}" for a in class_il),
     )
     logging.info(
         "task %d/%d time: %s", t + 1, T,
@@ -556,6 +632,20 @@ def _results(config, scenario, rows) -> dict:
         "best_validation_average_accuracy": (
             metrics.average_accuracy(_matrix(best, T)) if len(best) == len(best_rows) else None
         ),
+        # The classifier as trained to each task's last epoch (the reference's harness
+        # reports these and keeps it); equal to the matrices above with --norestore_best.
+        # For methods whose classifier carries over, task t's training started from
+        # task t-1's selected classifier.
+        "last_epoch_accuracy_matrix": _matrix(rows["last_acc"], T),
+        "last_epoch_average_accuracy": metrics.average_accuracy(_matrix(rows["last_acc"], T)),
+        "last_epoch_task_aware_accuracy_matrix": _matrix(rows["last_aware"], T),
+        "last_epoch_task_aware_average_accuracy": metrics.average_accuracy(_matrix(rows["last_aware"], T)),
+        # Per task, epochs counted from 1: the epoch of best mean validation accuracy
+        # (null if unknown: tasks finished before it was recorded), and the epoch whose
+        # classifier was evaluated above, exported, checkpointed and carried on (the
+        # best with --restore_best, else the last).
+        "best_validation_epoch": list(rows["best_epoch"]),
+        "selected_epoch": list(rows["selected_epoch"]),
         "forgetting": summary["forgetting"],
         "average_forgetting": summary["average_forgetting"],
         "bwt": summary["bwt"],
@@ -575,12 +665,19 @@ def _results(config, scenario, rows) -> dict:
 
 
 def format_summary(results: dict) -> str:
-    """A small per-task table: A_t, end-of-task and best-validation figures."""
-    lines = [f"{'task':>4} {'classes':<14} {'A_t':>7} {'A_t(val-sel)':>12} {'task-aware':>10} {'time[s]':>8}"]
-    best = results.get("best_validation_average_accuracy") or [math.nan] * len(results["average_accuracy"])
+    """A small per-task table: A_t of the kept classifier (and the epoch it is from),
+    of the last epoch's and at the best validation epoch, task-aware A_t, wall time."""
+    lines = [
+        f"{'task':>4} {'classes':<14} {'A_t':>7} {'epoch':>5} {'A_t(last)':>9} {'A_t(val-sel)':>12} "
+        f"{'task-aware':>10} {'time[s]':>8}"
+    ]
+    n = len(results["average_accuracy"])
+    best = results.get("best_validation_average_accuracy") or [math.nan] * n
+    last = results.get("last_epoch_average_accuracy") or [math.nan] * n
     for t, a in enumerate(results["average_accuracy"]):
         lines.append(
-            f"{t + 1:>4} {','.join(str(c) for c in results['tasks'][t]):<14} {a:>7.4f} {best[t]:>12.4f} "
+            f"{t + 1:>4} {','.join(str(c) for c in results['tasks'][t]):<14} {a:>7.4f} "
+            f"{results['selected_epoch'][t]:>5} {last[t]:>9.4f} {best[t]:>12.4f} "
             f"{results['task_aware_average_accuracy'][t]:>10.4f} {results['wall_time_s'][t]:>8.1f}"
         )
     return "\n".join(lines)

@@ -55,10 +55,14 @@ flags.DEFINE_integer("keep_checkpoints", _D.keep_checkpoints, "Newest checkpoint
 flags.DEFINE_integer("log_every_steps", _D.log_every_steps, "Iterations between per-step TensorBoard summaries.")
 flags.DEFINE_boolean("export", _D.export, "Export the classifier and generator as SavedModels after every task "
                      "(export/<model>/<task>, TF Serving layout).")
+flags.DEFINE_boolean("restore_best", _D.restore_best, "At the end of every task put back the classifier of the "
+                     "epoch with the best validation accuracy (what is evaluated, exported and carried on); "
+                     "--norestore_best keeps the last epoch's, as the reference does.")
 flags.DEFINE_integer("nz", _D.nz, "Noise size of the generator (its first entries carry the class code).")
 flags.DEFINE_integer("ngf", _D.ngf, "Generator width: the masked layers start at 4·ngf, 2·ngf, ngf channels.")
 flags.DEFINE_integer("ndf", _D.ndf, "Discriminator width: ndf, 2·ndf, 4·ndf channels.")
-flags.DEFINE_float("lr", None, "Learning rate of both networks (sets --lr_d and --lr_g).")
+flags.DEFINE_float("lr", None, "Learning rate of both networks: sets --lr_d and --lr_g unless one of them comes "
+                   "after it (on the command line or in a flagfile), in which case that one wins.")
 flags.DEFINE_float("lr_d", _D.lr_d, "Discriminator/classifier learning rate (Adam).")
 flags.DEFINE_float("lr_g", _D.lr_g, "Generator learning rate (Adam).")
 flags.DEFINE_float("beta1", _D.beta1, "Adam beta1 of both networks.")

@@ -14,9 +14,12 @@ versions:
   should go to 0/1 as s rises); ``task_<t>/samples`` generated images of every seen
   class every ``--eval_every`` epochs; ``task_<t>/real_vs_replay`` (first row real, then
   replayed images).
-* ``eval/A_t``, ``eval/task_aware_A_t``, ``eval/best_val_A_t``, ``eval/accuracy/task_<j>``,
-  ``eval/forgetting``, ``eval/bwt`` (step = tasks done); ``eval/accuracy_matrix`` image;
-  ``eval/samples`` after each task.
+* ``eval/A_t``, ``eval/task_aware_A_t``, ``eval/best_val_A_t``, ``eval/last_epoch_A_t``,
+  ``eval/selected_epoch``, ``eval/accuracy/task_<j>``, ``eval/forgetting``, ``eval/bwt``
+  (step = tasks done). A_t, task-aware A_t, the per-task accuracies, forgetting and BWT
+  are of the classifier the task kept (the best validation epoch's with
+  ``--restore_best``), ``last_epoch_A_t`` of its last epoch's, ``selected_epoch`` is the
+  epoch kept (from 1); ``eval/accuracy_matrix`` image; ``eval/samples`` after each task.
 * ``capacity/<layer>/{reserved,free,task_used}``, ``capacity/generator_params``,
   ``capacity/growth_params`` (what the last growth added) and
   ``capacity/<layer>/growth_channels`` (planned for the next task).
@@ -93,6 +96,7 @@ class Monitor:
                     hp.Metric("eval/A_t", display_name="A_T (class-incremental)"),
                     hp.Metric("eval/task_aware_A_t", display_name="A_T task-aware"),
                     hp.Metric("eval/best_val_A_t", display_name="A_T at best validation"),
+                    hp.Metric("eval/last_epoch_A_t", display_name="A_T of the last epoch"),
                 ],
             )
             hp.hparams(values, trial_id=str(self.logdir.parent.name))
@@ -127,6 +131,11 @@ class Monitor:
             best = results.get("best_validation_average_accuracy")
             if best:
                 tf.summary.scalar("eval/best_val_A_t", best[task_index])
+            last = results.get("last_epoch_average_accuracy")
+            if last:
+                tf.summary.scalar("eval/last_epoch_A_t", last[task_index])
+            if results.get("selected_epoch"):
+                tf.summary.scalar("eval/selected_epoch", results["selected_epoch"][task_index])
             for j, acc in enumerate(results["accuracy_matrix"][task_index][: task_index + 1]):
                 tf.summary.scalar(f"eval/accuracy/task_{j + 1}", acc)
             if results.get("average_forgetting") is not None:

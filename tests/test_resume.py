@@ -7,6 +7,7 @@ bit for bit.
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -28,6 +29,13 @@ def run_killed(point, *args):
         [sys.executable, str(REPO / "tests" / "kill_driver.py"), point, *args],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
+
+
+def run_cli_as_killed(*args):
+    """``run_cli`` on the kernels ``run_killed``'s runs use: they inherit this process's
+    TF_ENABLE_ONEDNN_OPTS (kill_driver loads TensorFlow before main could choose), and
+    runs compared bit for bit must share them, also under TF_ENABLE_ONEDNN_OPTS=0."""
+    return run_cli(*args, onednn_env=os.environ["TF_ENABLE_ONEDNN_OPTS"])
 
 
 def _final_state(workdir):
@@ -60,7 +68,7 @@ def assert_same_run(reference, resumed):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("ref") / "wd"
-    proc = run_cli(*FLAGS, f"--workdir={workdir}")
+    proc = run_cli_as_killed(*FLAGS, f"--workdir={workdir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir
 
@@ -78,7 +86,7 @@ def test_killed_mid_epoch_and_during_export_resumes_to_the_same_run(reference, t
     # The half-written version 2 is invisible to a server (no numeric name).
     names = sorted(p.name for p in (workdir / "export" / "classifier").iterdir())
     assert [n for n in names if n.isdigit()] == ["1"] and any(n.startswith(".tmp-2-") for n in names)
-    proc = run_cli(*FLAGS, f"--workdir={workdir}", "--resume")
+    proc = run_cli_as_killed(*FLAGS, f"--workdir={workdir}", "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_run(reference, workdir)
     assert not any(p.name.startswith(".tmp") for p in (workdir / "export" / "classifier").iterdir())
@@ -87,7 +95,7 @@ def test_killed_mid_epoch_and_during_export_resumes_to_the_same_run(reference, t
 @pytest.mark.slow
 def test_four_tasks_killed_at_every_kind_of_point_resume_to_the_same_run(tmp_path):
     reference = tmp_path / "ref"
-    proc = run_cli(*FLAGS_4, f"--workdir={reference}")
+    proc = run_cli_as_killed(*FLAGS_4, f"--workdir={reference}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     workdir = tmp_path / "wd"
     points = ["batch:0:1:0", "begin_task:2", "checkpoint:2", "export:3", "batch:3:0:1"]
@@ -96,7 +104,7 @@ def test_four_tasks_killed_at_every_kind_of_point_resume_to_the_same_run(tmp_pat
         assert proc.returncode == -9, (point, proc.stderr[-2000:])
         for ckpt in (p for p in (workdir / "ckpt").iterdir() if p.name.isdigit()):  # none half-written
             assert (ckpt / "state.json").is_file() and (ckpt / "arrays.npz").is_file(), (point, ckpt)
-    proc = run_cli(*FLAGS_4, f"--workdir={workdir}", "--resume")
+    proc = run_cli_as_killed(*FLAGS_4, f"--workdir={workdir}", "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_run(reference, workdir)
 
@@ -218,7 +226,7 @@ def test_dgma_runs_end_to_end_and_resumes_to_the_same_run(tmp_path):
     mid-task resumes to the uninterrupted run, and its generator export serves."""
     flags = [f for f in FLAGS if not f.startswith("--class_order")] + ["--class_order=1,7", "--method=dgma"]
     reference = tmp_path / "ref"
-    proc = run_cli(*flags, f"--workdir={reference}")
+    proc = run_cli_as_killed(*flags, f"--workdir={reference}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((reference / "results.json").read_text())
     assert results["method"] == "dgma"
@@ -235,7 +243,7 @@ def test_dgma_runs_end_to_end_and_resumes_to_the_same_run(tmp_path):
     # same code for both mask kinds; the DGMw test above kills mid-epoch.)
     proc = run_killed("checkpoint:4", *flags, f"--workdir={workdir}")
     assert proc.returncode == -9, proc.stderr[-2000:]
-    proc = run_cli(*flags, f"--workdir={workdir}", "--resume")
+    proc = run_cli_as_killed(*flags, f"--workdir={workdir}", "--resume")
     assert "task 1, finished" in proc.stderr
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_run(reference, workdir)

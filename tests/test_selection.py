@@ -1,4 +1,5 @@
-"""Best-validation selection: the test row of the best validation epoch, evaluated once."""
+"""Best-validation selection: the test row of the best validation epoch, evaluated once,
+and the best epoch's classifier put back (--restore_best)."""
 
 import keras
 import numpy as np
@@ -56,6 +57,9 @@ def test_the_kept_weights_give_the_best_validation_epochs_test_row(trained):
     assert selection.finish(final_test) == reference.rows[best_epoch][1]
     # The trained weights are back in place afterwards.
     assert all(np.array_equal(a, b) for a, b in zip(network.get_weights(), final))
+    # --restore_best: the best epoch's classifier (BN statistics included) stays in place.
+    assert selection.restore_best() == best_epoch
+    assert evaluate(method, tasks, "test")[0] == reference.rows[best_epoch][1]
 
 
 def test_a_checkpointed_selection_finishes_the_same(trained):

@@ -17,8 +17,10 @@ class ContinualMethod(abc.ABC):
     """A method is driven task by task by ``dgm_tf.engine.run_experiment``.
 
     For every task the engine calls ``begin_task``, ``train_task`` (which fits on the
-    task's real data, with whatever memory the method keeps), then evaluates
-    ``classifier_logits`` on every seen task, then calls ``end_task``.
+    task's real data, with whatever memory the method keeps), puts back the best
+    validation epoch's classifier (``set_classifier_weights``, unless
+    ``--norestore_best``), then evaluates ``classifier_logits`` on every seen task, then
+    calls ``end_task``.
     """
 
     name: str = "method"
@@ -48,6 +50,21 @@ class ContinualMethod(abc.ABC):
         """``(network, logits_fn)`` for the SavedModel export: ``network`` holds every
         variable the classifier uses (it is saved), ``logits_fn`` maps float32 images
         [N, 32, 32, C] in [-1, 1] to logits over every class seen so far (inference)."""
+
+    @abc.abstractmethod
+    def classifier_weights(self) -> list[np.ndarray]:
+        """Copies of every variable ``classifier_logits`` depends on, in a fixed order:
+        trainable weights and the state that goes with them (BatchNorm moving
+        statistics). The engine keeps the best validation epoch's
+        (``engine.ValidationSelection``, also in epoch checkpoints) and puts them back
+        with ``set_classifier_weights`` at the end of the task (``--restore_best``)."""
+
+    @abc.abstractmethod
+    def set_classifier_weights(self, weights: Sequence[np.ndarray]) -> None:
+        """Assign ``classifier_weights()``'s output back to the classifier in place (the
+        method's traced functions keep using the same variables): what it predicts,
+        exports, checkpoints and, for methods whose classifier carries over, starts the
+        next task from, is then that epoch's classifier."""
 
     def generator_for_export(self) -> tuple[object, float] | None:
         """``(generator, s)`` for the generative-memory export, or None."""
@@ -84,6 +101,24 @@ class ContinualMethod(abc.ABC):
     def task_summary(self) -> dict:
         """Per-task numbers for results.json (e.g. ``generator_params``)."""
         return {}
+
+
+def copy_weights(model: keras.Model) -> list[np.ndarray]:
+    """Copies of all of ``model``'s variables, trainable and not (``model.weights``
+    order, the order of ``get_weights``)."""
+    return [np.array(v.numpy(), copy=True) for v in model.weights]
+
+
+def assign_weights(model: keras.Model, values: Sequence[np.ndarray]) -> None:
+    """``copy_weights``'s inverse: assigns in place, refusing a different count or shape."""
+    variables = model.weights
+    if len(values) != len(variables):
+        raise ValueError(f"{model.name}: {len(values)} arrays for {len(variables)} variables")
+    for v, value in zip(variables, values):
+        if tuple(np.shape(value)) != tuple(v.shape):
+            raise ValueError(f"{model.name}: array of shape {np.shape(value)} for {v.path} {tuple(v.shape)}")
+    for v, value in zip(variables, values):
+        v.assign(value)
 
 
 # Batches read ahead of the training step. Two hide the (millisecond) batch assembly

@@ -35,7 +35,7 @@ import tensorflow as tf
 
 from dgm_tf.config import Config, ConfigError
 from dgm_tf.data import Scenario, TaskData
-from dgm_tf.methods.base import ContinualMethod, epoch_pipeline, fit_epochs
+from dgm_tf.methods.base import ContinualMethod, assign_weights, copy_weights, epoch_pipeline, fit_epochs
 from dgm_tf.methods.dgm import task_seed
 from dgm_tf.methods.mas import accumulate_importance, mas_importance, mas_penalty, pad_like
 from dgm_tf.models import Discriminator
@@ -328,6 +328,16 @@ class ClassifierBaseline(ContinualMethod):
     def classifier_for_export(self):
         network = self.network
         return network, lambda images: network_logits(network, images, training=False)
+
+    def classifier_weights(self) -> list[np.ndarray]:
+        """The network's weights and BN statistics (with ``--classifier=dgm`` also the
+        untrained critic head, which the logits do not read)."""
+        return copy_weights(self.network)
+
+    def set_classifier_weights(self, weights) -> None:
+        # The next task's network grows from these (``with_classes``) and MAS's
+        # ``consolidate`` (end_task) takes theta* and the importance at them.
+        assign_weights(self.network, weights)
 
     def task_summary(self) -> dict:
         return dict(self.history[-1]) if self.history else {}

@@ -31,7 +31,7 @@ from absl import logging
 
 from dgm_tf.config import Config
 from dgm_tf.data import Scenario, TaskData
-from dgm_tf.methods.base import ContinualMethod, epoch_pipeline, fit_epochs
+from dgm_tf.methods.base import ContinualMethod, assign_weights, copy_weights, epoch_pipeline, fit_epochs
 from dgm_tf.models import Discriminator, Generator, activation_growth_channels, growth_channels
 
 # Numerical floor inside the square root of the gradient-penalty norm: keeps the
@@ -711,6 +711,16 @@ class DGM(ContinualMethod):
     def classifier_for_export(self):
         discriminator = self.discriminator
         return discriminator, lambda images: discriminator(images, training=False)[1]
+
+    def classifier_weights(self) -> list[np.ndarray]:
+        """The whole discriminator (trunk with its BN statistics, class head, critic
+        head): the class head is the classifier, and with ``--noreinit_d`` the next task
+        trains on from this network, so its critic stays the same epoch's. The generator
+        is not part of it (it keeps its last epoch: the replay memory)."""
+        return copy_weights(self.discriminator)
+
+    def set_classifier_weights(self, weights) -> None:
+        assign_weights(self.discriminator, weights)
 
     def generator_for_export(self):
         return self.generator, self.config.smax
