@@ -133,9 +133,16 @@ def test_served_probabilities_equal_the_in_memory_classifier(exported, served):
     for version, expected in reference.items():
         got = np.load(root / f"served_{version}.npy")
         assert got.shape == (60, version)
+        # Measured: at most 4e-7 apart (oneDNN on and off, AVX2 and AVX-512 kernels).
         np.testing.assert_allclose(got, expected, atol=1e-5)
+        # Served class ids are the in-memory argmax wherever the two top probabilities
+        # are further apart than the float noise above: only a near-tie may go either
+        # way (the closest pair measured over 12 runs was 0.005 apart).
+        top2 = np.sort(np.pad(expected, ((0, 0), (1, 0))), axis=1)[:, -2:]  # version 1: [0, 1]
+        clear = top2[:, 1] - top2[:, 0] > 1e-5
         best = np.argmax(expected, axis=1)
-        assert served[version]["class_ids"] == [CLASSES[i] for i in best]
+        assert np.array(served[version]["class_ids"])[clear].tolist() == [CLASSES[i] for i in best[clear]]
+        assert clear.mean() > 0.9
 
 
 def test_generator_export_draws_classes_the_same_version_recognises(served):
@@ -143,12 +150,17 @@ def test_generator_export_draws_classes_the_same_version_recognises(served):
     replay, so it recognises the exported generator's images of those classes if the
     export maps class ids to the right task mask and head. (The newest class it only saw
     as real images; after this short training its generated images look "generated"
-    to it, so that class is not a fair check here.)"""
+    to it, so that class is not a fair check here.)
+
+    A wrong class-to-task mapping draws another class's images, which this classifier
+    gives to that other class: accuracy near 0. With the right mapping 0.94-1.0 of the
+    50 images were recognised (seeds 0-2; oneDNN off, AVX2, AVX-512 and AVX-512 BF16
+    kernels), so the bar is a majority, not a figure one run happened to reach."""
     for version, replayed in ((2, ("1",)), (3, ("1", "7"))):
         r = served[version]
         assert r["generated_dtype"] == "uint8" and r["generated_shape"][1:] == [32, 32, 1]
         for c in replayed:  # chance: 1/version
-            assert r["generator_accuracy"][c] >= 0.9, r["generator_accuracy"]
+            assert r["generator_accuracy"][c] > 0.5, r["generator_accuracy"]
         # Each image depends only on its (class id, seed) pair, not on the batch.
         assert r["generator_reproducible"]
 
@@ -255,7 +267,8 @@ def test_export_killed_midway_never_shows_a_version_and_is_cleaned_next_time(tmp
     script.write_text(KILL_SCRIPT)
     proc = subprocess.Popen([sys.executable, str(script), str(base), str(REPO)])
     try:
-        deadline = time.monotonic() + 120
+        # Only a failsafe (TensorFlow's import took 5-20 s here on a loaded machine).
+        deadline = time.monotonic() + 300
         while not (tmp_path / "ready").exists():
             assert proc.poll() is None and time.monotonic() < deadline, "exporter did not start"
             time.sleep(0.1)

@@ -143,7 +143,7 @@ def test_tensorboard_serves_the_scalars_and_images(run):
     )
     base = f"http://127.0.0.1:{port}/data/plugin"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 300  # a failsafe: a loaded machine slows start-up, never a pass
         tags = None
         while time.monotonic() < deadline:
             try:
@@ -176,7 +176,9 @@ def test_tensorboard_serves_the_scalars_and_images(run):
 def test_console_lines_and_verbosity(run, tmp_path):
     _, _, _, proc = run
     assert "task 1/3 epoch 1/2" in proc.stderr and "ETA" in proc.stderr and "summary:" in proc.stderr
-    quiet = run_cli(*ARGS, "--class_order=1", "--epochs=1", "--verbosity=-1", "--noexport",
+    # The console lines come from the engine, whatever the method: the quiet run uses the
+    # cheapest one (finetune traces no GAN step: about half this test's time).
+    quiet = run_cli(*ARGS, "--class_order=1", "--epochs=1", "--verbosity=-1", "--noexport", "--method=finetune",
                     f"--workdir={tmp_path / 'wd'}")
     assert quiet.returncode == 0, quiet.stderr[-2000:]
     assert "epoch 1/1" not in quiet.stderr and "summary:" not in quiet.stderr
