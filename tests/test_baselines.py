@@ -5,6 +5,7 @@ MAS: Aljundi et al., "Memory Aware Synapses: Learning what (not) to forget", ECC
 """
 
 import json
+import os
 
 import keras
 import numpy as np
@@ -28,10 +29,18 @@ from tests.test_cli import REPO, parse_flags, run_cli
 from tests.test_resume import run_killed
 
 # Two tasks of two classes (trouser, sneaker | bag, T-shirt), 64 training images per
-# class, 3 epochs of 8 iterations: class-incremental forgetting is visible.
+# class, 3 epochs of 16 iterations: class-incremental forgetting is visible.
+# Batch 8, not 16: with 8 iterations per epoch the tiny classifier stayed at chance (0.5)
+# on task 0 for seeds 1, 2 and 5 of 0-5 (and kept task 0 at 0.5 after task 1 on AVX-512
+# kernels at seed 2), so the bounds below held for seed 0 only. With 16 iterations, seeds
+# 0-5, oneDNN off and on (AVX2, AVX-512, AVX-512 BF16 kernels): fine-tuning R[0][0]
+# 0.95-1.0, R[1][0] 0.0, task-aware R[1][0] >= 0.99; joint R[1][0] 0.95-0.99, A_2
+# 0.94-0.96 against at most 0.84 for MAS, 0.48 for DGMw, 0.50 for fine-tuning; the CNN
+# run's R[0][0] >= 0.95. Each bar below sits at least 0.1 outside that spread (the
+# forgetting bar R[1][0] <= 0.05: 20 of 400 test images).
 BASE = dict(
     dataset="embedded", class_order=(1, 7, 8, 0), classes_per_task=2, epochs=3, train_examples_per_class=64,
-    batch_size=16, ndf=4, nz=16, ngf=2, eval_every=1, log_every_steps=1,
+    batch_size=8, ndf=4, nz=16, ngf=2, eval_every=1, log_every_steps=1,
     # Large enough on this tiny network (Omega ~ 1e-2) for the penalty to show.
     mas_lambda=100.0,
 )
@@ -141,7 +150,8 @@ def test_penalty_is_zero_at_theta_star_and_quadratic_in_the_distance():
 
 
 def _mas_through_two_tasks(scenario, mas_lambda):
-    config = tiny_config("mas", class_order=(1, 7, 8), classes_per_task=1, epochs=2, mas_lambda=mas_lambda)
+    # 3 epochs of 8 iterations per task (see the distance test below for why not fewer).
+    config = tiny_config("mas", class_order=(1, 7, 8), classes_per_task=1, epochs=3, mas_lambda=mas_lambda)
     method = MAS(config, scenario)
     t0, t1 = scenario.tasks[:2]
     method.begin_task(t0)
@@ -172,7 +182,11 @@ def test_mas_protects_important_weights_and_new_rows_are_free(tiny_scenario):
     for v, value in zip(variables, saved):
         v.assign(value)
     # Training task 1 with a strong penalty keeps the weighted distance to theta* far
-    # below the unregularised run's (same seed, same data order).
+    # below the unregularised run's (same seed, same data order). Adam moves a weight by
+    # about lr per step whatever pulls it, so the penalised run's distance stays bounded
+    # while the free run's grows with the steps: after 16 steps the ratio was 0.02-0.11
+    # over seeds 0-5 (0.48 with the earlier 8 steps at seed 2), after 24 steps 0.007-0.028,
+    # oneDNN off and on (AVX2, AVX-512, AVX-512 BF16 kernels). Without the penalty it is 1.
     strong = _train_task1_distance(method, t1)
     free_method, _, t1_free = _mas_through_two_tasks(tiny_scenario, mas_lambda=0.0)
     free_method.begin_task(t1_free)
@@ -200,7 +214,10 @@ def test_cnn_classifier_grows_keeping_old_logits_and_counts_parameters():
     wider = net.with_classes(5)
     after = wider(x, training=False).numpy()
     assert after.shape == (3, 5)
-    np.testing.assert_array_equal(after[:, :2], before)
+    # The old logits are the old head's columns of a wider matmul: equal up to the
+    # summation order a kernel picks for a 5- instead of a 2-column product (bit-equal on
+    # the kernels measured, not guaranteed on others); a row not copied is off by ~0.1.
+    np.testing.assert_allclose(after[:, :2], before, rtol=1e-6, atol=1e-6)
     # 8 bias-free 3x3 convolutions (widths 4, 4, 8, 8, 16, 16, 32, 32), BN gamma and beta
     # per channel, head 32 x 5 + 5.
     widths = [4, 4, 8, 8, 16, 16, 32, 32]
@@ -295,9 +312,15 @@ def test_exported_classifier_reproduces_the_accuracies(runs):
     serve = tf.saved_model.load(str(workdir / "export" / "classifier" / "2")).signatures["serving_float"]
     scenario = engine.build_scenario(tiny_config("mas"))
     for j, task in enumerate(scenario.tasks):
-        ids = serve(images=tf.constant(task.x_test))["class_ids"].numpy()
+        out = serve(images=tf.constant(task.x_test))
+        ids = out["class_ids"].numpy()
         expected = np.array([scenario.class_order[y] for y in task.y_test])
-        assert np.mean(ids == expected) == pytest.approx(results["accuracy_matrix"][1][j])
+        # The SavedModel and the engine's evaluation batch the images differently, so
+        # probabilities may differ in the last bits (~1e-7): only an image whose two top
+        # classes lie that close can change its answer.
+        top2 = np.sort(out["probabilities"].numpy(), axis=1)[:, -2:]
+        ties = int(np.sum(top2[:, 1] - top2[:, 0] < 1e-5))
+        assert abs(np.mean(ids == expected) - results["accuracy_matrix"][1][j]) <= (ties + 1e-9) / len(ids)
 
 
 def test_cnn_classifier_end_to_end(tmp_path):
@@ -322,7 +345,10 @@ def test_mas_killed_mid_run_resumes_to_the_same_run(runs, tmp_path):
     proc = run_killed("checkpoint:2", *flags, f"--workdir={workdir}", "--resume")
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert "task 1, finished" in proc.stderr
-    proc = run_cli(*flags, f"--workdir={workdir}", "--resume")
+    # Bit-identity needs the reference's kernels: the fixture ran in this process and
+    # run_killed inherits its TF_ENABLE_ONEDNN_OPTS, which run_cli would otherwise drop
+    # (under TF_ENABLE_ONEDNN_OPTS=0 the resumed task then ran on oneDNN and differed).
+    proc = run_cli(*flags, f"--workdir={workdir}", "--resume", onednn_env=os.environ["TF_ENABLE_ONEDNN_OPTS"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "task 2, 1 epochs done" in proc.stderr
     results = [json.loads((d / "results.json").read_text()) for d in (reference, workdir)]

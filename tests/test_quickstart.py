@@ -16,8 +16,12 @@ def test_quickstart_remembers_every_class(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((workdir / "results.json").read_text())
     assert results["tasks_completed"] == 10
-    # Chance is 0.10 over ten classes; the bar is 0.40.
-    assert results["average_accuracy"][-1] >= 0.40
+    # Chance is 0.10 over ten classes; the bar is 0.40, on A_10 as the paper
+    # reports it: each task's test row at its best validation epoch (the reference). That
+    # figure measured 0.70-0.76 (oneDNN off; AVX2 and AVX-512 BF16 oneDNN kernels). The
+    # last epoch's A_t swings from epoch to epoch (0.51-0.75 at task 10 on the same
+    # settings, 0.255 at task 7 in one run), so a bar on it would test that swing.
+    assert results["best_validation_average_accuracy"][-1] >= 0.40
     # The generative memory: the final classifier recognises generated images of the
     # old classes well above chance on average.
     assert np.mean(results["replay_accuracy"][-1]) > 0.5
