@@ -20,18 +20,18 @@ import numpy as np
 from absl import logging
 
 from dgm_tf import export, io_utils, metrics, monitoring, runtime
-from dgm_tf.checkpoint import CheckpointManager
+from dgm_tf.checkpoint import RESTORE_ERRORS, Checkpoint, CheckpointError, CheckpointManager
 from dgm_tf.config import Config, ConfigError
-from dgm_tf.data import Scenario, TaskData, load_dataset, make_scenario, resolve_class_order
+from dgm_tf.data import (
+    Scenario, TaskData, fingerprint_differences, load_dataset, make_scenario, resolve_class_order,
+    scenario_fingerprint,
+)
 from dgm_tf.methods import make_method
 from dgm_tf.methods.base import ContinualMethod
+from dgm_tf.workdir import WorkdirError, check_fresh, lock_workdir  # noqa: F401 (engine.WorkdirError)
 
 EVAL_BATCH = 500
 REPLAY_EVAL_PER_CLASS = 100
-
-
-class WorkdirError(ConfigError):
-    """The work directory cannot be used (not empty, not writable)."""
 
 
 def build_scenario(config: Config) -> Scenario:
@@ -72,26 +72,6 @@ def build_scenario(config: Config) -> Scenario:
             f"code overwrites the first entries of the noise; got {config.nz}"
         )
     return scenario
-
-
-def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
-    """Create ``workdir``; refuse one that already holds files (nothing is overwritten)."""
-    path = pathlib.Path(workdir)
-    if path.exists() and not path.is_dir():
-        raise WorkdirError(f"--workdir={workdir}: exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()):
-        raise WorkdirError(
-            f"--workdir={workdir}: directory is not empty; choose a new one or remove it "
-            "(a run never overwrites an earlier run's files)"
-        )
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise WorkdirError(f"--workdir={workdir}: not writable ({e.strerror})") from None
-    return path
 
 
 def evaluate(method: ContinualMethod, tasks: Sequence[TaskData], split: str) -> tuple[list[float], list[float]]:
@@ -297,6 +277,59 @@ def check_resume(workdir: pathlib.Path, config: Config) -> None:
         )
 
 
+def resume_checkpoint(
+    checkpoints: CheckpointManager, method: ContinualMethod, scenario: Scenario, config: Config, path: pathlib.Path
+) -> Checkpoint | None:
+    """Restore ``method`` from the newest usable checkpoint and return it (``restored``:
+    the task's ``ValidationSelection`` for a mid-task checkpoint, else None), or None
+    when ``ckpt/`` holds no checkpoint and no task was completed (the run starts over).
+
+    A checkpoint that does not load or does not restore (a missing key, a changed
+    shape) is skipped with a warning naming it and why, for the previous one. Nothing
+    is written here, so a refusal leaves the workdir as it was.
+
+    Raises:
+        CheckpointError: checkpoints exist but none can be used (each named, with why),
+            or none exists although results.json records completed tasks.
+        ConfigError: the run's data differ from the data now (what changed is named).
+    """
+    fingerprint = scenario_fingerprint(scenario)
+
+    def restore(checkpoint: Checkpoint):
+        st = checkpoint.state
+        recorded = st.get("data")
+        if recorded is None:
+            logging.warning("%s records no data fingerprint (an older version wrote it): data not compared",
+                            checkpoint.path)
+        else:
+            changed = fingerprint_differences(recorded, fingerprint)
+            if changed:
+                raise ConfigError(
+                    f"--resume: the data of the run in {path} changed ({'; '.join(changed)}); resume it with "
+                    "the data it started with, or start a new --workdir"
+                )
+        st["engine"], st["monitor"], st["task_elapsed_s"]  # noqa: B018 (KeyError: skip this checkpoint)
+        if st["phase"] == "task_end":
+            method.restore_checkpoint(st["method"], checkpoint.arrays, checkpoint.shared, task=None)
+            return None
+        task = scenario.tasks[st["task"]]
+        method.restore_checkpoint(st["method"], checkpoint.arrays, checkpoint.shared, task=task)
+        selection = ValidationSelection(method, scenario.tasks[: task.index + 1], config.eval_every, config.epochs)
+        selection.restore(st["selection"], checkpoint.arrays)
+        return selection
+
+    import tensorflow as tf
+
+    found = checkpoints.restore_newest(restore, errors=RESTORE_ERRORS + (tf.errors.OpError,))
+    if found is None and (path / "results.json").exists():
+        raise CheckpointError(
+            checkpoints.directory,
+            "holds no checkpoint but results.json records completed tasks, so a resume would start the run "
+            "over and overwrite them; nothing was changed; restore ckpt/ from a backup or start a new --workdir",
+        )
+    return found
+
+
 class NonFiniteGuard(keras.callbacks.Callback):
     """Stops training at the first non-finite loss, naming task, epoch and step."""
 
@@ -418,33 +451,46 @@ def run_experiment(config: Config, workdir: str | os.PathLike, resume: bool = Fa
     """Run every task of the scenario and return (and write) the results.
 
     With ``resume``, continue the run in ``workdir`` from its newest checkpoint (the
-    flags must describe the same experiment); the results and final weights equal an
-    uninterrupted run's.
+    flags and the data must be those of the run); the results and final weights equal
+    an uninterrupted run's. The workdir is locked for the whole run
+    (``dgm_tf.workdir``): a second process is refused at once.
 
     Raises ConfigError, DataError or WorkdirError for user errors, before anything is
-    written when possible; TrainingError when training cannot go on.
+    written when possible (CheckpointError when no checkpoint can be resumed from);
+    TrainingError when training cannot go on.
     """
-    if resume:  # a mismatch is reported before any data is read
-        check_resume(pathlib.Path(workdir), config)
-    scenario = build_scenario(config)  # user errors in data/flags surface before any write
-    if resume:
-        path = pathlib.Path(workdir)
-    else:
-        path = prepare_workdir(workdir)
-        io_utils.atomic_write_text(
-            path / "flags.txt",
-            "# Reproduces this run: python -m dgm_tf.main --flagfile=flags.txt --workdir=<new dir>\n"
-            + "\n".join(config.to_flags())
-            + "\n",
-        )
+    path = pathlib.Path(workdir)
+    with contextlib.ExitStack() as stack:
+        if resume:
+            check_resume(path, config)  # a mismatch is reported before any data is read
+            stack.enter_context(lock_workdir(path))  # a second process is refused at once
+        else:
+            check_fresh(path)  # a non-empty directory is refused before any data is read
+        scenario = build_scenario(config)  # user errors in data/flags surface before any write
+        if not resume:
+            stack.enter_context(lock_workdir(path, fresh=True))  # creates it; rechecks emptiness
+            io_utils.atomic_write_text(
+                path / "flags.txt",
+                "# Reproduces this run: python -m dgm_tf.main --flagfile=flags.txt --workdir=<new dir>\n"
+                + "\n".join(config.to_flags())
+                + "\n",
+            )
+        return _run_experiment(config, scenario, path, resume)
+
+
+def _run_experiment(config: Config, scenario: Scenario, path: pathlib.Path, resume: bool) -> dict:
+    """``run_experiment`` once the workdir is locked and the scenario built."""
     if config.deterministic:
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()  # process-wide, as the user asked
     checkpoints = CheckpointManager(path / "ckpt", keep=config.keep_checkpoints)
-    latest = checkpoints.latest() if resume else None
     keras.utils.set_random_seed(config.seed)
     method = make_method(config, scenario)
+    # Restored before anything is written (the Monitor creates its event file at
+    # once), so a refused resume leaves the workdir as it was.
+    latest = resume_checkpoint(checkpoints, method, scenario, config, path) if resume else None
+    fingerprint = scenario_fingerprint(scenario)
     monitor = monitoring.Monitor(path / "tb", config, scenario)
     rows = {
         "acc": [], "aware": [], "best": [], "replay": [], "summaries": [], "wall": [], "time": [],
@@ -463,7 +509,6 @@ def run_experiment(config: Config, workdir: str | os.PathLike, resume: bool = Fa
             _rows_before_restore_best(rows, config, path)
         monitor.restore(st["monitor"])
         if st["phase"] == "task_end":
-            method.restore_checkpoint(st["method"], latest.arrays, latest.shared, task=None)
             first_task = st["task"] + 1
         else:
             first_task, resume_mid_task = st["task"], True
@@ -479,13 +524,14 @@ def run_experiment(config: Config, workdir: str | os.PathLike, resume: bool = Fa
         method_state, arrays, shared = method.checkpoint_state(during_task=phase == "epoch")
         if selection is not None:
             arrays.update(selection.arrays())
+        # Refuses non-finite arrays (io_utils.NonFiniteError) before writing or pruning.
         checkpoints.save(
             {
                 "phase": phase, "task": task_index, "epochs_done": epochs_done,
                 "engine": rows, "method": method_state, "monitor": monitor.state(),
                 "selection": None if selection is None else selection.state(),
                 "task_elapsed_s": elapsed, "task_time_s": None if stopwatch is None else stopwatch.totals,
-                "config": config.as_dict(),
+                "config": config.as_dict(), "data": fingerprint,
             },
             arrays, shared,
         )
@@ -494,9 +540,22 @@ def run_experiment(config: Config, workdir: str | os.PathLike, resume: bool = Fa
     try:
         for task in scenario.tasks[first_task:]:
             resume_from = latest if resume_mid_task and task.index == first_task else None
-            results = _run_task(config, scenario, path, method, monitor, task, rows, save, resume_from)
-    finally:
-        monitor.close()  # flush what was written, also when training stops on an error
+            try:
+                results = _run_task(config, scenario, path, method, monitor, task, rows, save, resume_from)
+            except io_utils.NonFiniteError as e:  # weights or generated images: as a non-finite loss
+                raise TrainingError(
+                    f"{e} in task {task.index + 1}; nothing was saved from it, the checkpoints of earlier "
+                    "epochs are kept (lower the learning rates in a new run)"
+                ) from None
+    except BaseException:
+        # Flush what was written, also when training stops on an error; a failure to
+        # close (the disk that just filled up) must not hide the error that stopped it.
+        try:
+            monitor.close()
+        except Exception as close_error:  # noqa: BLE001 (reported, the original error goes on)
+            logging.warning("TensorBoard events could not be flushed: %s", close_error)
+        raise
+    monitor.close()
     logging.info("summary:\n%s", format_summary(results))
     return results
 
@@ -525,15 +584,13 @@ def _run_task(config, scenario, path, method, monitor, task, rows, save, resume_
     T = scenario.num_tasks
     t = task.index
     start = time.perf_counter()
-    selection = ValidationSelection(method, scenario.tasks[: t + 1], config.eval_every, config.epochs)
-    if resume_from is not None:
+    if resume_from is not None:  # the method and the selection were restored by resume_checkpoint
         st = resume_from.state
         clock = Stopwatch(st.get("task_time_s"))
-        with clock.phase("begin_task"):
-            method.restore_checkpoint(st["method"], resume_from.arrays, resume_from.shared, task=task)
-            selection.restore(st["selection"], resume_from.arrays)
+        selection = resume_from.restored
         initial_epoch, before = st["epochs_done"], st["task_elapsed_s"]
     else:
+        selection = ValidationSelection(method, scenario.tasks[: t + 1], config.eval_every, config.epochs)
         clock = Stopwatch()
         with clock.phase("begin_task"):
             method.begin_task(task)
@@ -577,6 +634,7 @@ def _run_task(config, scenario, path, method, monitor, task, rows, save, resume_
         grid = write_sample_grid(method, scenario, t, path, config)
     if config.export:
         with clock.phase("export"):
+            check_finite_for_export(method, t)
             exported = export.export_task(method, scenario, t + 1, path / "export")
         logging.info("exported %s", ", ".join(f"{k} -> {v}" for k, v in sorted(exported.items())))
     with clock.phase("evaluation"):
@@ -609,6 +667,16 @@ def _run_task(config, scenario, path, method, monitor, task, rows, save, resume_
         ", ".join(f"{name} {seconds:.1f}s" for name, seconds in rows["time"][-1].items() if seconds),
     )
     return results
+
+
+def check_finite_for_export(method: ContinualMethod, task: int) -> None:
+    """Raise io_utils.NonFiniteError naming the first non-finite weight of the networks
+    about to be exported (a SavedModel of NaN weights would serve NaN)."""
+    network, _ = method.classifier_for_export()
+    io_utils.check_finite(network.weights, what=f"classifier weights after task {task + 1}")
+    memory = method.generator_for_export()
+    if memory is not None:
+        io_utils.check_finite(memory[0].weights, what=f"generator weights after task {task + 1}")
 
 
 def _results(config, scenario, rows) -> dict:

@@ -618,11 +618,9 @@ def test_check_finite_names_the_first_bad_variable():
 #
 # These drive engine.run_experiment and the CLI: a tiny joint run (its stored task data
 # are shared blobs referenced by every later checkpoint) on an npz copy of two embedded
-# classes. They need the engine to lock the workdir, restore through
-# CheckpointManager.restore_newest, record and compare the data fingerprint and turn
-# io_utils.NonFiniteError into TrainingError.
-
-needs_engine = pytest.mark.skip(reason="needs engine integration")
+# classes. They pin the engine's guards: the workdir lock, the restore through
+# CheckpointManager.restore_newest, the data fingerprint and io_utils.NonFiniteError
+# turned into TrainingError.
 
 JOINT = dict(method="joint", class_order=(0, 1), epochs=2, train_examples_per_class=16, batch_size=16,
              ndf=4, samples_per_class=2, export=False, keep_checkpoints=2)
@@ -677,7 +675,6 @@ def _results_without_times(workdir):
     return results
 
 
-@needs_engine
 @pytest.mark.parametrize("damage", ["corrupt", "missing"])
 def test_resume_with_a_damaged_shared_blob_is_refused_and_changes_nothing(finished_run, run_copy, damage):
     from dgm_tf import engine
@@ -691,14 +688,22 @@ def test_resume_with_a_damaged_shared_blob_is_refused_and_changes_nothing(finish
     else:
         blob.unlink()
     before = snapshot(wd)
-    with pytest.raises(CheckpointError) as err:  # not: a warning and the run starts over
-        engine.run_experiment(_config(finished_run / "data.npz", epochs=1), wd, resume=True)
-    message = str(err.value)
+    if damage == "corrupt":
+        with pytest.raises(CheckpointError) as err:  # not: a warning and the run starts over
+            engine.run_experiment(_config(finished_run / "data.npz", epochs=1), wd, resume=True)
+        message = str(err.value)
+    else:  # as a user sees it: exit 2, one line, no traceback
+        from tests.test_cli import run_cli
+
+        proc = run_cli(f"--flagfile={wd / 'flags.txt'}", f"--workdir={wd}", "--resume")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1, proc.stderr[-2000:]
+        message = errors[0]
     assert "000004" in message and "000003" in message and blob.name in message and "new --workdir" in message
     assert snapshot(wd) == before
 
 
-@needs_engine
 def test_resume_without_checkpoints_but_with_results_is_refused(finished_run, run_copy):
     """ckpt/ lost (deleted, another disk) while results.json records tasks: starting over
     would overwrite them."""
@@ -714,7 +719,6 @@ def test_resume_without_checkpoints_but_with_results_is_refused(finished_run, ru
     assert snapshot(wd) == before
 
 
-@needs_engine
 def test_resume_over_a_checkpoint_of_another_schema_falls_back_or_is_refused(finished_run, run_copy, caplog):
     from dgm_tf import engine
 
@@ -741,7 +745,6 @@ def test_resume_over_a_checkpoint_of_another_schema_falls_back_or_is_refused(fin
     assert snapshot(wd) == before
 
 
-@needs_engine
 def test_resume_with_changed_data_is_refused_naming_the_split(finished_run, run_copy):
     from dgm_tf import engine
 
@@ -755,7 +758,6 @@ def test_resume_with_changed_data_is_refused_naming_the_split(finished_run, run_
     assert snapshot(run_copy / "wd") == before
 
 
-@needs_engine
 def test_resume_on_a_workdir_in_use_is_refused_at_once(finished_run, run_copy):
     """The engine takes the lock before anything else (the lock itself is tested with a
     second real process above; main prints a WorkdirError as one line, exit 2)."""
@@ -772,7 +774,6 @@ def test_resume_on_a_workdir_in_use_is_refused_at_once(finished_run, run_copy):
         assert snapshot(wd) == before
 
 
-@needs_engine
 def test_weights_poisoned_by_an_epochs_last_step_are_never_checkpointed(tmp_path, embedded_raw, monkeypatch):
     from dgm_tf import engine
 
@@ -796,7 +797,6 @@ def test_weights_poisoned_by_an_epochs_last_step_are_never_checkpointed(tmp_path
                                                   if a.dtype.kind == "f")
 
 
-@needs_engine
 def test_a_non_finite_sample_grid_stops_like_a_non_finite_loss(tmp_path, embedded_raw, monkeypatch):
     from dgm_tf import engine
     from dgm_tf.methods.baselines import Joint
@@ -807,3 +807,24 @@ def test_a_non_finite_sample_grid_stops_like_a_non_finite_loss(tmp_path, embedde
     )
     with pytest.raises(engine.TrainingError, match=r"image grid: 2 of 2 images hold non-finite pixels.* in task 1"):
         engine.run_experiment(_config(tmp_path / "data.npz", epochs=1, num_tasks=1), tmp_path / "wd")
+
+
+def test_a_failing_tensorboard_close_does_not_hide_the_error_that_stopped_training(
+    tmp_path, embedded_raw, monkeypatch, caplog
+):
+    from dgm_tf import engine, monitoring
+    from dgm_tf.methods.baselines import Joint
+
+    _two_class_npz(tmp_path / "data.npz", embedded_raw)
+    monkeypatch.setattr(
+        Joint, "sample", lambda self, labels, seed: np.full((len(labels), 32, 32, 1), np.nan, np.float32)
+    )
+
+    def close(self):
+        raise OSError(28, "No space left on device", "events.out.tfevents")
+
+    monkeypatch.setattr(monitoring.Monitor, "close", close)
+    caplog.set_level("WARNING")
+    with pytest.raises(engine.TrainingError, match="non-finite"):  # not the OSError from close()
+        engine.run_experiment(_config(tmp_path / "data.npz", epochs=1, num_tasks=1), tmp_path / "wd")
+    assert "TensorBoard events could not be flushed" in caplog.text and "No space left" in caplog.text

@@ -73,11 +73,18 @@ def reference(tmp_path_factory):
     return workdir
 
 
-def test_killed_mid_epoch_and_during_export_resumes_to_the_same_run(reference, tmp_path):
+def test_killed_writing_a_checkpoint_mid_epoch_and_during_export_resumes_to_the_same_run(reference, tmp_path):
     workdir = tmp_path / "wd"
-    # Killed inside epoch 2 of task 2: the epoch-1 checkpoint of task 2 is the newest.
-    proc = run_killed("batch:1:1:1", *FLAGS, f"--workdir={workdir}")
+    # Killed while the second checkpoint (task 1, epoch 2) is written but not renamed in:
+    # the first is the newest whole one, and the half-written one is never read.
+    proc = run_killed("checkpoint:2", *FLAGS, f"--workdir={workdir}")
     assert proc.returncode == -9, proc.stderr[-2000:]
+    assert [p.name for p in CheckpointManager(workdir / "ckpt").paths()] == ["000001"]
+    assert any(p.name.startswith(".tmp") for p in (workdir / "ckpt").iterdir())
+    # Resumed, then killed inside epoch 2 of task 2: the epoch-1 checkpoint of task 2 is the newest.
+    proc = run_killed("batch:1:1:1", *FLAGS, f"--workdir={workdir}", "--resume")
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert "resuming from" in proc.stderr and "task 1, 1 epochs done" in proc.stderr
     assert json.loads((workdir / "results.json").read_text())["tasks_completed"] == 1
     # Resumed, then killed while export version 2 is written but not renamed in.
     proc = run_killed("export:2", *FLAGS, f"--workdir={workdir}", "--resume")
@@ -154,7 +161,7 @@ def test_full_disk_stops_with_one_line_and_keeps_earlier_results(tmp_path):
     assert "Traceback" not in proc.stderr
     results = json.loads((workdir / "results.json").read_text())  # still the task-1 file, whole
     assert results["tasks_completed"] == 1
-    assert not [p for p in workdir.iterdir() if p.name.startswith(".")]  # no temporary files left
+    assert not [p for p in workdir.iterdir() if p.name.startswith(".") and p.name != ".lock"]  # no temporary files left
 
 
 def test_non_finite_loss_stops_naming_task_epoch_and_step(tmp_path, monkeypatch):
