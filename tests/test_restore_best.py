@@ -1,11 +1,11 @@
 """--restore_best: each task ends with the classifier of its best validation epoch.
 
-Validation accuracy is scripted (``Script``: the engine's ``evaluate`` answers "val"
-from a table), so which epoch is best does not depend on training noise or the CPU:
-task 0's best epoch is its first, task 1's its second, and the last never is. At
-every epoch end the script also records the classifier's logits on the seen tasks'
-test images, straight from the method: the snapshot the export, the end-of-task
-figures and the next task's start are compared with.
+Validation accuracy is scripted (``Script``: the ``evaluate`` the validation selection
+calls, ``dgm_tf.engine.callbacks.evaluate``, answers "val" from a table), so which epoch
+is best does not depend on training noise or the CPU: task 0's best epoch is its first,
+task 1's its second, and the last never is. At every epoch end the script also records
+the classifier's logits on the seen tasks' test images, straight from the method: the
+snapshot the export, the end-of-task figures and the next task's start are compared with.
 """
 
 import json
@@ -85,7 +85,7 @@ class Script:
                 script.weights[key] = [v.numpy().copy() for v in network.weights]
             return original_end(selection, epoch, logs)
 
-        set_attr(engine, "evaluate", evaluate)
+        set_attr(engine.callbacks, "evaluate", evaluate)  # where ValidationSelection looks it up
         set_attr(engine.ValidationSelection, "on_epoch_end", on_epoch_end)
         set_attr(engine.ValidationSelection, "on_epoch_begin", on_epoch_begin)
 
@@ -351,7 +351,7 @@ def test_which_epoch_wins(monkeypatch, validation, every, evaluated, best):
         seen.append(m.epoch)
         return [validation[m.epoch]] * len(tasks), None
 
-    monkeypatch.setattr(engine, "evaluate", evaluate)
+    monkeypatch.setattr(engine.callbacks, "evaluate", evaluate)
     selection = engine.ValidationSelection(method, [None, None], every=every, epochs=len(validation))
     for epoch in range(len(validation)):
         method.epoch = epoch
@@ -458,7 +458,7 @@ def test_a_run_that_predates_the_flag_resumes_with_either_value(tmp_path):
 
 def test_rows_of_a_checkpoint_that_predates_the_flag_are_the_last_epochs(tmp_path):
     rows = {"acc": [[0.5], [0.25, 0.75]], "aware": [[1.0], [0.5, 1.0]], "best": [[0.5], [0.5, 0.5]]}
-    engine._rows_before_restore_best(rows, Config(epochs=7), tmp_path)
+    engine.resume._rows_before_restore_best(rows, Config(epochs=7), tmp_path)
     assert rows["last_acc"] == rows["acc"] and rows["last_aware"] == rows["aware"]
     assert rows["last_acc"] is not rows["acc"]
     assert rows["selected_epoch"] == [7, 7] and rows["best_epoch"] == [None, None]

@@ -34,7 +34,7 @@ BEST = 1
 
 @pytest.fixture
 def trained(embedded_raw, monkeypatch):
-    from dgm_tf import engine
+    from dgm_tf.engine import callbacks
 
     calls = {"n": 0}
 
@@ -45,7 +45,7 @@ def trained(embedded_raw, monkeypatch):
         calls["n"] += 1
         return [value] * len(tasks), [value] * len(tasks)
 
-    monkeypatch.setattr(engine, "evaluate", scripted)  # the selection's; `evaluate` here stays real
+    monkeypatch.setattr(callbacks, "evaluate", scripted)  # the selection's; `evaluate` here stays real
     keras.utils.set_random_seed(0)
     scenario = make_scenario(embedded_raw, class_order=(0, 6), classes_per_task=1, num_tasks=None,
                              train_examples_per_class=64, validation_fraction=0.15, seed=0)

@@ -1,6 +1,6 @@
 """The engine's per-task time accounting (results.json ``time_breakdown_s``).
 
-The timers read ``time.perf_counter`` through the engine module; these tests hand them
+The timers read ``time.perf_counter`` through ``dgm_tf.engine.timing``; these tests hand them
 a clock that moves only when the test says so, so every figure is exact and no load on
 the machine (a slow sleep, a descheduled process) can move it.
 """
@@ -10,8 +10,7 @@ import types
 import keras
 import pytest
 
-from dgm_tf import engine
-from dgm_tf.engine import StepTimer, Stopwatch, TimedCallback
+from dgm_tf.engine import StepTimer, Stopwatch, TimedCallback, timing
 
 
 class FakeClock:
@@ -28,7 +27,7 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch):
     fake = FakeClock()
-    monkeypatch.setattr(engine, "time", types.SimpleNamespace(perf_counter=fake.perf_counter))
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=fake.perf_counter))
     return fake
 
 

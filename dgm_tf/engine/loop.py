@@ -1,0 +1,288 @@
+"""The task loop shared by every method: begin task, fit, put back the best validation
+epoch's classifier (``--restore_best``), evaluate, end task, write.
+
+``run_experiment`` checks and locks the workdir, builds the scenario
+(``build_scenario``), restores a resumed run and runs each task (``_run_task``), which
+wires the callbacks and timers, evaluates, exports (``check_finite_for_export`` first)
+and writes results.json and the checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import time
+
+import keras
+from absl import logging
+
+from dgm_tf import export, io_utils, monitoring
+from dgm_tf.checkpoint import CheckpointManager
+from dgm_tf.config import Config, ConfigError
+from dgm_tf.data import Scenario, load_dataset, make_scenario, resolve_class_order, scenario_fingerprint
+from dgm_tf.engine.callbacks import EpochCheckpoint, NonFiniteGuard, ProgressLogger, TrainingError, ValidationSelection
+from dgm_tf.engine.evaluation import (
+    REPLAY_EVAL_PER_CLASS, _results, evaluate, format_summary, replay_accuracy, write_sample_grid,
+)
+from dgm_tf.engine.resume import _rows_before_restore_best, check_resume, resume_checkpoint
+from dgm_tf.engine.timing import StepTimer, Stopwatch, TimedCallback
+from dgm_tf.methods import make_method
+from dgm_tf.methods.base import ContinualMethod
+from dgm_tf.workdir import check_fresh, lock_workdir
+
+
+def build_scenario(config: Config) -> Scenario:
+    """Load the dataset and cut it into tasks as the config says."""
+    used = config.num_tasks * config.classes_per_task if config.num_tasks else None
+    resolved = []
+
+    def select(class_ids):
+        # Sources that read selectively (tfds) resolve the order over all the dataset's
+        # class ids and read only the classes the tasks use.
+        order = resolve_class_order(config.class_order, class_ids)
+        order = list(class_ids) if order is None else [int(c) for c in order]
+        order = order[:used] if used else order
+        resolved.append(order)
+        return order
+
+    raw = load_dataset(
+        config.dataset,
+        data_dir=config.data_dir,
+        download=config.download,
+        channels=config.channels,
+        test_fraction=config.test_fraction,
+        seed=config.seed,
+        select=select,
+    )
+    scenario = make_scenario(
+        raw,
+        class_order=resolved[-1] if resolved else config.class_order,
+        classes_per_task=config.classes_per_task,
+        num_tasks=config.num_tasks or None,
+        train_examples_per_class=config.train_examples_per_class,
+        validation_fraction=config.validation_fraction,
+        seed=config.seed,
+    )
+    if config.nz <= scenario.num_classes:
+        raise ConfigError(
+            f"--nz: must exceed the number of classes ({scenario.num_classes}), whose one-hot "
+            f"code overwrites the first entries of the noise; got {config.nz}"
+        )
+    return scenario
+
+
+def run_experiment(config: Config, workdir: str | os.PathLike, resume: bool = False) -> dict:
+    """Run every task of the scenario and return (and write) the results.
+
+    With ``resume``, continue the run in ``workdir`` from its newest checkpoint (the
+    flags and the data must be those of the run); the results and final weights equal
+    an uninterrupted run's. The workdir is locked for the whole run
+    (``dgm_tf.workdir``): a second process is refused at once.
+
+    Raises ConfigError, DataError or WorkdirError for user errors, before anything is
+    written when possible (CheckpointError when no checkpoint can be resumed from);
+    TrainingError when training cannot go on.
+    """
+    path = pathlib.Path(workdir)
+    with contextlib.ExitStack() as stack:
+        if resume:
+            check_resume(path, config)  # a mismatch is reported before any data is read
+            stack.enter_context(lock_workdir(path))  # a second process is refused at once
+        else:
+            check_fresh(path)  # a non-empty directory is refused before any data is read
+        scenario = build_scenario(config)  # user errors in data/flags surface before any write
+        if not resume:
+            stack.enter_context(lock_workdir(path, fresh=True))  # creates it; rechecks emptiness
+            io_utils.atomic_write_text(
+                path / "flags.txt",
+                "# Reproduces this run: python -m dgm_tf.main --flagfile=flags.txt --workdir=<new dir>\n"
+                + "\n".join(config.to_flags())
+                + "\n",
+            )
+        return _run_experiment(config, scenario, path, resume)
+
+
+def _run_experiment(config: Config, scenario: Scenario, path: pathlib.Path, resume: bool) -> dict:
+    """``run_experiment`` once the workdir is locked and the scenario built."""
+    if config.deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()  # process-wide, as the user asked
+    checkpoints = CheckpointManager(path / "ckpt", keep=config.keep_checkpoints)
+    keras.utils.set_random_seed(config.seed)
+    method = make_method(config, scenario)
+    # Restored before anything is written (the Monitor creates its event file at
+    # once), so a refused resume leaves the workdir as it was.
+    latest = resume_checkpoint(checkpoints, method, scenario, config, path) if resume else None
+    fingerprint = scenario_fingerprint(scenario)
+    monitor = monitoring.Monitor(path / "tb", config, scenario)
+    rows = {
+        "acc": [], "aware": [], "best": [], "replay": [], "summaries": [], "wall": [], "time": [],
+        "last_acc": [], "last_aware": [], "best_epoch": [], "selected_epoch": [],
+    }
+    first_task, resume_mid_task = 0, False
+    if latest is None:
+        if resume:
+            logging.warning("no checkpoint in %s: starting the run from its first task", path / "ckpt")
+        monitor.start()
+    else:
+        st = latest.state
+        rows = st["engine"]
+        rows.setdefault("time", [None] * len(rows["wall"]))  # checkpoints from before the breakdown
+        if "selected_epoch" not in rows:
+            _rows_before_restore_best(rows, config, path)
+        monitor.restore(st["monitor"])
+        if st["phase"] == "task_end":
+            first_task = st["task"] + 1
+        else:
+            first_task, resume_mid_task = st["task"], True
+        logging.info("resuming from %s: task %d, %s", latest.path, st["task"] + 1,
+                     "finished" if st["phase"] == "task_end" else f"{st['epochs_done']} epochs done")
+    logging.info(
+        "%s on %s: %d tasks of %d classes, order %s, %d train images per task",
+        config.method, scenario.dataset, scenario.num_tasks, scenario.classes_per_task,
+        list(scenario.class_order), len(scenario.tasks[0].x_train),
+    )
+
+    def save(phase, task_index, epochs_done, selection, elapsed, stopwatch=None):
+        method_state, arrays, shared = method.checkpoint_state(during_task=phase == "epoch")
+        if selection is not None:
+            arrays.update(selection.arrays())
+        # Refuses non-finite arrays (io_utils.NonFiniteError) before writing or pruning.
+        checkpoints.save(
+            {
+                "phase": phase, "task": task_index, "epochs_done": epochs_done,
+                "engine": rows, "method": method_state, "monitor": monitor.state(),
+                "selection": None if selection is None else selection.state(),
+                "task_elapsed_s": elapsed, "task_time_s": None if stopwatch is None else stopwatch.totals,
+                "config": config.as_dict(), "data": fingerprint,
+            },
+            arrays, shared,
+        )
+
+    results = _results(config, scenario, rows) if rows["acc"] else {}
+    try:
+        for task in scenario.tasks[first_task:]:
+            resume_from = latest if resume_mid_task and task.index == first_task else None
+            try:
+                results = _run_task(config, scenario, path, method, monitor, task, rows, save, resume_from)
+            except io_utils.NonFiniteError as e:  # weights or generated images: as a non-finite loss
+                raise TrainingError(
+                    f"{e} in task {task.index + 1}; nothing was saved from it, the checkpoints of earlier "
+                    "epochs are kept (lower the learning rates in a new run)"
+                ) from None
+    except BaseException:
+        # Flush what was written, also when training stops on an error; a failure to
+        # close (the disk that just filled up) must not hide the error that stopped it.
+        try:
+            monitor.close()
+        except Exception as close_error:  # noqa: BLE001 (reported, the original error goes on)
+            logging.warning("TensorBoard events could not be flushed: %s", close_error)
+        raise
+    monitor.close()
+    logging.info("summary:\n%s", format_summary(results))
+    return results
+
+
+def _run_task(config, scenario, path, method, monitor, task, rows, save, resume_from) -> dict:
+    """One task: begin it (or restore it mid-task from the checkpoint ``resume_from``),
+    train, evaluate the last epoch's classifier, put back the best validation epoch's
+    (``--restore_best``) and evaluate it, end the task, write its outputs and
+    checkpoint; returns the results."""
+    T = scenario.num_tasks
+    t = task.index
+    start = time.perf_counter()
+    if resume_from is not None:  # the method and the selection were restored by resume_checkpoint
+        st = resume_from.state
+        clock = Stopwatch(st.get("task_time_s"))
+        selection = resume_from.restored
+        initial_epoch, before = st["epochs_done"], st["task_elapsed_s"]
+    else:
+        selection = ValidationSelection(method, scenario.tasks[: t + 1], config.eval_every, config.epochs)
+        clock = Stopwatch()
+        with clock.phase("begin_task"):
+            method.begin_task(task)
+        initial_epoch, before = 0, 0.0
+
+    def elapsed():
+        return before + time.perf_counter() - start
+
+    callbacks = [
+        StepTimer(clock),
+        TimedCallback(selection, clock, "validation"),
+        ProgressLogger(t, T, config.epochs, initial_epoch),
+        TimedCallback(monitor.callback(method, task), clock, "monitoring"),
+        NonFiniteGuard(t),
+        TimedCallback(EpochCheckpoint(lambda done: save("epoch", t, done, selection, elapsed(), clock)),
+                      clock, "checkpoint"),
+    ]
+    method.train_task(task, callbacks, initial_epoch=initial_epoch)
+    seen = scenario.tasks[: t + 1]
+    last = config.epochs - 1
+    with clock.phase("evaluation"):
+        # The classifier trained to the task's last epoch: the reference's figure.
+        last_il, last_aware = evaluate(method, seen, "test")
+    selected = last
+    if config.restore_best:
+        # Before evaluation, end_task (MAS takes theta* and importance here), samples,
+        # export and the task-end checkpoint: all of them see the restored classifier,
+        # and methods whose classifier carries over start the next task from it.
+        with clock.phase("validation"):
+            selected = selection.restore_best()
+    with clock.phase("evaluation"):
+        if selected == last:  # the weights trained to the end (restored or not)
+            class_il, task_aware = last_il, last_aware
+        else:
+            class_il, task_aware = evaluate(method, seen, "test")
+        # Restored: the best epoch's row is the one just measured; else evaluated aside.
+        best_test = list(class_il) if selected == selection.best_epoch else selection.finish(last_il)
+    with clock.phase("end_task"):
+        method.end_task(task)
+    with clock.phase("samples"):
+        grid = write_sample_grid(method, scenario, t, path, config)
+    if config.export:
+        with clock.phase("export"):
+            check_finite_for_export(method, t)
+            exported = export.export_task(method, scenario, t + 1, path / "export")
+        logging.info("exported %s", ", ".join(f"{k} -> {v}" for k, v in sorted(exported.items())))
+    with clock.phase("evaluation"):
+        rows["replay"].append(
+            replay_accuracy(method, scenario, t, REPLAY_EVAL_PER_CLASS, seed=config.seed + 104729 * (t + 1))
+        )
+    # The task's wall time ends here: its results.json, TensorBoard summaries and
+    # end-of-task checkpoint are written after it is recorded.
+    rows["wall"].append(round(elapsed(), 3))
+    rows["time"].append(clock.breakdown(rows["wall"][-1]))
+    rows["acc"].append(class_il)
+    rows["aware"].append(task_aware)
+    rows["best"].append(best_test)
+    rows["last_acc"].append(last_il)
+    rows["last_aware"].append(last_aware)
+    rows["best_epoch"].append(None if selection.best_epoch is None else selection.best_epoch + 1)
+    rows["selected_epoch"].append(selected + 1)
+    rows["summaries"].append(method.task_summary())
+    results = _results(config, scenario, rows)
+    io_utils.atomic_write_json(path / "results.json", results)
+    monitor.task_end(method, t, results, grid, rows["replay"][-1])
+    save("task_end", t, config.epochs, None, rows["wall"][-1])
+    logging.info(
+        "task %d/%d done in %.0fs: A_%d=%.4f (classifier of epoch %d; last epoch's A_%d=%.4f)  accuracies %s",
+        t + 1, T, rows["wall"][-1], t + 1, results["average_accuracy"][-1], selected + 1, t + 1,
+        results["last_epoch_average_accuracy"][-1], " ".join(f"{a:.3f}" for a in class_il),
+    )
+    logging.info(
+        "task %d/%d time: %s", t + 1, T,
+        ", ".join(f"{name} {seconds:.1f}s" for name, seconds in rows["time"][-1].items() if seconds),
+    )
+    return results
+
+
+def check_finite_for_export(method: ContinualMethod, task: int) -> None:
+    """Raise io_utils.NonFiniteError naming the first non-finite weight of the networks
+    about to be exported (a SavedModel of NaN weights would serve NaN)."""
+    network, _ = method.classifier_for_export()
+    io_utils.check_finite(network.weights, what=f"classifier weights after task {task + 1}")
+    memory = method.generator_for_export()
+    if memory is not None:
+        io_utils.check_finite(memory[0].weights, what=f"generator weights after task {task + 1}")
