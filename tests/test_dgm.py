@@ -568,8 +568,18 @@ def _first_task_accuracies(scenario, **overrides):
     return real, float(np.mean(np.argmax(method.classifier_logits(x), 1) == y))
 
 
+# Slow: 40-50 s on 2 cores (a 3-task DGMw run of 40 epochs, then one without replay),
+# moved out of the default suite to keep it under 8 minutes. The default suite keeps
+# replay's mechanism (test_replay_sets_are_the_generator_at_smax_in_inference_mode: the
+# stored images are the generator's, with their labels).
+@pytest.mark.slow
 def test_replay_keeps_the_first_task_and_no_replay_forgets_it(tiny_scenario):
-    settings = dict(epochs=40, batch_size=32, ndf=8, ngf=8)
+    # Seed 1: task 0's real test accuracy with replay measured 0.99 with oneDNN's AVX-512
+    # kernels, 0.96 with its AVX2 ones (ONEDNN_MAX_CPU_ISA=AVX2) and 0.965 with oneDNN
+    # off; seeds 2 and 3 gave 0.845-0.975 over the three; seed 0 gave 0.945-0.985 except
+    # 0.175 on AVX-512 kernels, where the tiny GAN's trousers came out unlike real ones.
+    # Without replay: 0.0 in all 12 runs; on the replayed images: 1.0 in all 12.
+    settings = dict(epochs=40, batch_size=32, ndf=8, ngf=8, seed=1)
     with_replay, on_replayed = _first_task_accuracies(tiny_scenario, **settings)
     # Without replay the classifier only ever sees the newest class, so forgetting needs
     # no long run: 10 epochs (20 iterations per task) halve the test's time.
@@ -581,11 +591,9 @@ def test_replay_keeps_the_first_task_and_no_replay_forgets_it(tiny_scenario):
     assert on_replayed > 0.9, on_replayed
     # Forgetting without replay is total: the classifier sees only the newest class.
     assert without < 0.1, without
-    # How much of that carries over to real images depends on how real the tiny GAN's
-    # trousers look, which moves with the CPU's kernels: seed 0 kept 0.80-0.99 on an AVX2
-    # EPYC over seeds 0-5 but 0.175 on an AVX-512 EPYC with oneDNN. The property is that
-    # replay keeps clearly more than no replay (chance is 1/3).
-    assert with_replay > without + 0.1, (with_replay, without)
+    # Carried over to real images: replay keeps most of task 0 (chance is 1/3; the bar
+    # sits 0.4 below the lowest of the measured runs above for this seed).
+    assert with_replay > 0.5 and with_replay > without + 0.4, (with_replay, without)
 
 
 def test_dgma_run_holds_s_fixed_within_each_epoch(tiny_scenario):
