@@ -21,6 +21,8 @@ CLASSIFIERS = ("dgm", "cnn")
 # Keras dtype policies a run may use. "mixed_bfloat16" computes convolutions in bf16
 # with float32 variables; masks, losses, BN statistics and the optimiser stay float32.
 PRECISIONS = ("float32", "mixed_bfloat16")
+# --distribution: TensorFlow's own strategies (dgm_tf/engine/distribute.py).
+DISTRIBUTIONS = ("none", "mirrored", "multi_worker")
 
 
 class ConfigError(ValueError):
@@ -61,6 +63,9 @@ class Config:
     # Put the best-validation epoch's classifier back at the end of every task, before
     # evaluation, export, checkpoint and end_task (False: the reference's last epoch).
     restore_best: bool = True
+    # tf.distribute strategy (DISTRIBUTIONS): "none" (one device), "mirrored" (every
+    # device of this host, synchronous), "multi_worker" (hosts from TF_CONFIG).
+    distribution: str = "none"
 
     # Networks (reference MNIST DGMw).
     nz: int = 128
@@ -168,6 +173,11 @@ def validate(c: Config) -> None:
         value = getattr(c, f.name)
         if isinstance(value, float):
             _require(math.isfinite(value), f.name, f"must be a finite number, got {value}")
+    _require(
+        c.distribution in DISTRIBUTIONS,
+        "distribution",
+        f"unknown distribution {c.distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}",
+    )
     _require(c.mas_lambda >= 0, "mas_lambda", f"must be >= 0, got {c.mas_lambda}")
     _require(bool(c.dataset), "dataset", "must not be empty (e.g. embedded, idx:/path/to/dir)")
     _require(c.channels in (0, 1, 3), "channels", f"must be 0 (as stored), 1 or 3, got {c.channels}")

@@ -58,6 +58,9 @@ flags.DEFINE_boolean("export", _D.export, "Export the classifier and generator a
 flags.DEFINE_boolean("restore_best", _D.restore_best, "At the end of every task put back the classifier of the "
                      "epoch with the best validation accuracy (what is evaluated, exported and carried on); "
                      "--norestore_best keeps the last epoch's, as the reference does.")
+flags.DEFINE_string("distribution", _D.distribution,
+                  "tf.distribute strategy: none (one device), mirrored (every GPU of this host, synchronous; "
+                  "--batch_size stays the global batch), multi_worker (hosts listed in TF_CONFIG).")
 flags.DEFINE_integer("nz", _D.nz, "Noise size of the generator (its first entries carry the class code).")
 flags.DEFINE_integer("ngf", _D.ngf, "Generator width: the masked layers start at 4·ngf, 2·ngf, ngf channels.")
 flags.DEFINE_integer("ndf", _D.ndf, "Discriminator width: ndf, 2·ndf, 4·ndf channels.")

@@ -95,7 +95,8 @@ def test_run_writes_results_with_documented_keys(tiny_run):
         for name in ("begin_task", "validation", "monitoring", "checkpoint", "evaluation", "export"):
             assert phases[name] > 0, name
     # main turns TensorFlow's oneDNN kernels on when the user has not chosen (README).
-    assert results["runtime"] == {"tensorflow": tf.__version__, "keras": keras.__version__, "onednn": True}
+    assert results["runtime"] == {"tensorflow": tf.__version__, "keras": keras.__version__, "onednn": True,
+                                  "replicas": 1}
 
 
 def test_run_exports_every_task_in_tf_serving_layout(tiny_run):

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from dgm_tf import io_utils, metrics, monitoring, runtime
+from dgm_tf.engine.distribute import replicas_in_sync
 from dgm_tf.config import Config
 from dgm_tf.data import Scenario, TaskData
 from dgm_tf.methods.base import ContinualMethod
@@ -120,7 +121,8 @@ def _results(config, scenario, rows) -> dict:
         "time_breakdown_s": list(rows["time"]),
         # Versions and oneDNN on/off: both change float rounding, so a result is
         # reproduced bit for bit only under the same runtime.
-        "runtime": runtime.describe(),
+        # replicas: of the --distribution strategy (the update is one device's).
+        "runtime": {**runtime.describe(), "replicas": replicas_in_sync()},
         "config": config.as_dict(),
     }
 

@@ -21,6 +21,7 @@ from dgm_tf import export, io_utils, monitoring
 from dgm_tf.checkpoint import CheckpointManager
 from dgm_tf.config import Config, ConfigError
 from dgm_tf.data import Scenario, load_dataset, make_scenario, resolve_class_order, scenario_fingerprint
+from dgm_tf.engine.distribute import check_distribution, strategy_scope
 from dgm_tf.engine.callbacks import EpochCheckpoint, NonFiniteGuard, ProgressLogger, TrainingError, ValidationSelection
 from dgm_tf.engine.evaluation import (
     REPLAY_EVAL_PER_CLASS, _results, evaluate, format_summary, replay_accuracy, write_sample_grid,
@@ -85,6 +86,7 @@ def run_experiment(config: Config, workdir: str | os.PathLike, resume: bool = Fa
     TrainingError when training cannot go on.
     """
     path = pathlib.Path(workdir)
+    check_distribution(config)  # one this build cannot run is refused before anything else
     with contextlib.ExitStack() as stack:
         if resume:
             check_resume(path, config)  # a mismatch is reported before any data is read
@@ -100,6 +102,8 @@ def run_experiment(config: Config, workdir: str | os.PathLike, resume: bool = Fa
                 + "\n".join(config.to_flags())
                 + "\n",
             )
+        # Every network, optimizer and trainer is created in the strategy's scope.
+        stack.enter_context(strategy_scope(config))
         return _run_experiment(config, scenario, path, resume)
 
 

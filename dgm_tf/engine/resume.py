@@ -19,7 +19,9 @@ from dgm_tf.methods.base import ContinualMethod
 from dgm_tf.workdir import WorkdirError
 
 # Config fields a resumed run may change: they do not change what is computed.
-RESUME_MAY_CHANGE = frozenset({"log_every_steps", "keep_checkpoints"})
+# --distribution too: every strategy makes one device's update (dgm_tf/replica.py), so
+# a run may move to more devices or back (float rounding aside).
+RESUME_MAY_CHANGE = frozenset({"log_every_steps", "keep_checkpoints", "distribution"})
 # Fields added after runs were written. A flags.txt that does not name one is of a run
 # that predates it: it reads as the default, and the run may be resumed with either
 # value (its finished tasks ran as the code then did; results.json says how).

@@ -40,6 +40,7 @@ from dgm_tf.methods.dgm import task_seed
 from dgm_tf.methods.mas import accumulate_importance, mas_importance, mas_penalty, pad_like
 from dgm_tf.models import Discriminator
 from dgm_tf.models.classifier import CNNClassifier
+from dgm_tf.replica import batch_free, global_count, global_mean, replica_sum
 
 _DATA_STREAM = 13  # keys the baselines' per-epoch data order apart from other seeded streams
 
@@ -120,16 +121,20 @@ class ClassifierTaskTrainer(keras.Model):
 
     def train_step(self, data):
         x, y, is_replay = data["x"], data["y"], data["is_replay"]
+        # Written as this replica's share (dgm_tf.replica): on N replicas the summed
+        # gradients are one device's; on one device these are the plain means.
+        n = global_count(y)
         with tf.GradientTape() as tape:
             logits = network_logits(self.network, x, training=True)
             per_sample = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-            c_loss = tf.reduce_mean(per_sample)
+            c_share = global_mean(per_sample, n)
             penalty = self.penalty() if self.penalty is not None else tf.constant(0.0)
-            loss = c_loss + penalty
+            loss = c_share + batch_free(penalty)
         grads = tape.gradient(loss, self.c_variables)
         self.optimizer.apply_gradients(zip(grads, self.c_variables))
         hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=y.dtype), y), tf.float32)
-        step = {"loss": loss, "c_loss": c_loss, "c_acc": tf.reduce_mean(hits)}
+        c_loss, c_acc = replica_sum((c_share, global_mean(hits, n)))  # the global batch's
+        step = {"loss": c_loss + penalty, "c_loss": c_loss, "c_acc": c_acc}
         if self.penalty is not None:
             step[self.penalty_name] = penalty
         for name, value in step.items():

@@ -41,6 +41,8 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
+from dgm_tf.replica import per_replica
+
 DEFAULT_IMPORTANCE_BATCH = 256
 
 
@@ -103,7 +105,7 @@ def mas_importance(
     )
     totals = [np.zeros(v.shape, np.float64) for v in variables]
     for start in range(0, len(images), batch_size):
-        sums = step(tf.constant(images[start : start + batch_size]))
+        sums = per_replica(step, tf.constant(images[start : start + batch_size]))
         for total, s in zip(totals, sums):
             total += s.numpy()
     return [(t / len(images)).astype(np.float32) for t in totals]

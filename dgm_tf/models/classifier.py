@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keras
 
+from dgm_tf.layers.replica_batch_norm import ReplicaBatchNormalization
 from dgm_tf.models.discriminator import (
     TorchDefaultBias,
     apply_trunk,
@@ -67,7 +68,7 @@ class CNNClassifier(keras.Model):
                     )
                 )
                 self.trunk.append(
-                    keras.layers.BatchNormalization(
+                    ReplicaBatchNormalization(
                         momentum=0.9, epsilon=1e-5, name=f"{name}_bn", dtype=self.dtype_policy
                     )
                 )
@@ -90,6 +91,7 @@ class CNNClassifier(keras.Model):
         for layer in self.trunk:
             layer.build(shape)
             shape = layer.compute_output_shape(shape)
+        self.pool.build(shape)  # as Discriminator.build: no layer left unbuilt
         shape = self.pool.compute_output_shape(shape)
         self.class_head.build(shape)
         self.built = True

@@ -6,6 +6,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from dgm_tf.layers.replica_batch_norm import ReplicaBatchNormalization
+
 
 def torch_default_dense_initializers():
     """PyTorch's default nn.Linear init: kernel and bias U(+-1/sqrt(fan_in))."""
@@ -99,7 +101,7 @@ class Discriminator(keras.Model):
             if i > 0:
                 # PyTorch BatchNorm2d(momentum=0.1, eps=1e-5) == Keras momentum 0.9.
                 self.trunk.append(
-                    keras.layers.BatchNormalization(
+                    ReplicaBatchNormalization(
                         momentum=0.9,
                         epsilon=1e-5,
                         gamma_initializer=keras.initializers.RandomNormal(1.0, 0.02),
@@ -134,6 +136,9 @@ class Discriminator(keras.Model):
         for layer in self.trunk:
             layer.build(shape)
             shape = layer.compute_output_shape(shape)
+        # Flatten has no weights, but an unbuilt layer makes Keras try a symbolic build
+        # of the whole model when fit() runs under a tf.distribute strategy.
+        self.flatten.build(shape)
         shape = self.flatten.compute_output_shape(shape)
         self.critic_head.build(shape)
         self.class_head.build(shape)
