@@ -1,9 +1,11 @@
 """One run on one device and the same run under MirroredStrategy on 2 logical CPUs.
 
-    python tests/distribute_driver.py <out dir> <method>
+    python tests/distribute_driver.py <out dir> <method> [switch]
 
-Writes <out dir>/none and <out dir>/mirrored (for tests/test_distribute.py). The CPU is
-split before TensorFlow initialises its devices, so this must be its own process.
+Writes <out dir>/none and <out dir>/mirrored (for tests/test_distribute.py); with
+``switch`` instead <out dir>/none and <out dir>/switched: a one-device run stopped after
+its first task and resumed under MirroredStrategy. The CPU is split before TensorFlow
+initialises its devices, so this must be its own process.
 """
 
 import pathlib
@@ -25,8 +27,39 @@ TINY = dict(dataset="embedded", class_order=(1, 7), epochs=2, train_examples_per
             ndf=4, eval_every=1, samples_per_class=2, export=False, mas_lambda=100.0, lr_d=0.01,
             log_every_steps=1)
 
+
+class _Stop(Exception):
+    """Ends a run after its first task (its task-end checkpoint is written)."""
+
+
+def stopped_after_first_task(config, workdir):
+    from dgm_tf.engine import loop
+
+    original = loop._run_task
+
+    def run_task(config, scenario, path, method, monitor, task, *args):
+        if task.index == 1:
+            raise _Stop
+        return original(config, scenario, path, method, monitor, task, *args)
+
+    loop._run_task = run_task
+    try:
+        engine.run_experiment(config, workdir)
+    except _Stop:
+        pass
+    finally:
+        loop._run_task = original
+
+
 if __name__ == "__main__":
     out, method = pathlib.Path(sys.argv[1]), sys.argv[2]
+    switch = sys.argv[3:] == ["switch"]
     for distribution in ("none", "mirrored"):
         config = Config(method=method, distribution=distribution, **TINY)
-        engine.run_experiment(config, out / distribution)
+        if not switch:
+            engine.run_experiment(config, out / distribution)
+        elif distribution == "none":
+            engine.run_experiment(config, out / "none")
+            stopped_after_first_task(config, out / "switched")
+        else:  # task 2 on two replicas, from the one-device checkpoint of task 1
+            engine.run_experiment(config, out / "switched", resume=True)

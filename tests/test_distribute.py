@@ -51,7 +51,7 @@ def _driver(tmp_path, method, *extra):
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {d: tmp_path / d for d in ("none", "mirrored")}
+    return {d: tmp_path / d for d in ("none", "switched" if extra else "mirrored")}
 
 
 def _train_scalars(workdir):
@@ -95,3 +95,18 @@ def test_mirrored_on_two_devices_matches_one_device(tmp_path, method):
     n_test = 200  # per task: one class of the embedded sample
     a, b = np.array(results["none"]["accuracy_matrix"][-1]), np.array(results["mirrored"]["accuracy_matrix"][-1])
     assert np.all(np.abs(a - b) <= 1.0 / n_test + 1e-9), (a, b)
+
+
+def test_a_one_device_run_resumed_on_two_replicas_matches_one_device(tmp_path):
+    """README: a run may be resumed with another --distribution (the update is the
+    same). Task 1 on one device, its checkpoint resumed under MirroredStrategy for task 2."""
+    runs = _driver(tmp_path, "mas", "switch")
+    switched = json.loads((runs["switched"] / "results.json").read_text())
+    assert switched["runtime"]["replicas"] == 2 and switched["tasks_completed"] == 2
+    flags = (runs["switched"] / "flags.txt").read_text()
+    assert "--distribution=none" in flags  # the run's own flags; the resume changed only this
+    one, two = _final_arrays(runs["none"]), _final_arrays(runs["switched"])
+    assert sorted(one) == sorted(two)
+    worst = max(float(np.max(np.abs(one[k] - two[k]))) for k in one if one[k].dtype.kind == "f")
+    print(f"one device vs resumed on 2 replicas: {worst:.2e}")
+    assert worst < WEIGHT_ATOL, worst
