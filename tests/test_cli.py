@@ -2,6 +2,7 @@
 
 import errno
 import json
+import concurrent.futures
 import os
 import pathlib
 import re
@@ -28,23 +29,52 @@ TINY = [
     "--ndf=4",
     "--samples_per_class=3",
 ]
+# The run tests/conftest.py's `dgm_cli_run` makes once for test_cli, test_monitoring and
+# test_resume: TINY with a third task, validation every epoch and TensorBoard every step.
+DGM_RUN = [a for a in TINY if not a.startswith("--class_order")] + [
+    "--class_order=1,7,8", "--eval_every=1", "--log_every_steps=1",
+]
 
 
-def run_cli(*args, timeout=300, onednn_env=None):
-    """``python -m dgm_tf.main`` with TF_ENABLE_ONEDNN_OPTS and TF_CPP_MIN_LOG_LEVEL unset,
-    as a user's shell has them (conftest sets both for this process), or oneDNN set to
-    ``onednn_env``."""
+def cli_command(*args, onednn_env=None):
+    """The command line and environment of ``python -m dgm_tf.main``: TF_ENABLE_ONEDNN_OPTS
+    and TF_CPP_MIN_LOG_LEVEL unset, as a user's shell has them (conftest sets both for this
+    process), or oneDNN set to ``onednn_env``."""
     env = {k: v for k, v in os.environ.items() if k not in ("TF_ENABLE_ONEDNN_OPTS", "TF_CPP_MIN_LOG_LEVEL")}
     if onednn_env is not None:
         env["TF_ENABLE_ONEDNN_OPTS"] = onednn_env
-    return subprocess.run(
-        [sys.executable, "-m", "dgm_tf.main", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    return [sys.executable, "-m", "dgm_tf.main", *args], env
+
+
+def run_cli(*args, timeout=300, onednn_env=None):
+    """``python -m dgm_tf.main`` as ``cli_command`` says, run to its end."""
+    argv, env = cli_command(*args, onednn_env=onednn_env)
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def cli_cases_two_at_a_time(request, tmp_path_factory, test_name, command):
+    """Starts the CLI processes of every selected case of the parametrized ``test_name``
+    (this module) at once, two at a time, and returns {case id: (root, extra, future of
+    the CompletedProcess)}; ``command(root, **params)`` writes the case's inputs under its
+    own ``root`` and returns its arguments and anything the case needs later. Each of
+    these processes spends ~3 s importing TensorFlow on one core before it fails, so on
+    2 cores the cases take half the wall time; each case still asserts on its own process."""
+    items = [item for item in request.session.items
+             if getattr(item, "originalname", None) == test_name and item.module is request.module]
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+    request.addfinalizer(lambda: pool.shutdown(wait=True))
+    runs = {}
+    for item in items:
+        root = tmp_path_factory.mktemp("case")
+        args, extra = command(root, **item.callspec.params)
+        runs[item.callspec.id] = (root, extra, pool.submit(run_cli, *args))
+    return runs
+
+
+def case_result(runs, request):
+    """This case's root, extra and finished process (see ``cli_cases_two_at_a_time``)."""
+    root, extra, future = runs[request.node.callspec.id]
+    return root, extra, future.result()
 
 
 def parse_flags(*args) -> Config:
@@ -56,12 +86,10 @@ def parse_flags(*args) -> Config:
         cli.FLAGS.unparse_flags()
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run") / "wd"
-    proc = run_cli(*TINY, f"--workdir={workdir}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return workdir, proc
+@pytest.fixture
+def tiny_run(dgm_cli_run):
+    """The shared DGM_RUN (tests/conftest.py): its workdir and finished process."""
+    return dgm_cli_run
 
 
 def test_run_writes_results_with_documented_keys(tiny_run):
@@ -73,24 +101,26 @@ def test_run_writes_results_with_documented_keys(tiny_run):
     ):
         assert key in results, key
     assert results["method"] == "dgmw"
-    assert results["tasks"] == [[1], [7]]
+    assert results["tasks"] == [[1], [7], [8]]
     R = results["accuracy_matrix"]
-    assert len(R) == 2 and R[0][1] is None
-    assert all(0.0 <= R[i][j] <= 1.0 for i in range(2) for j in range(i + 1))
-    assert results["average_accuracy"] == pytest.approx([R[0][0], (R[1][0] + R[1][1]) / 2])
-    assert results["bwt"] == pytest.approx(R[1][0] - R[0][0])
+    assert len(R) == 3 and R[0][1] is None and R[0][2] is None and R[1][2] is None
+    assert all(0.0 <= R[i][j] <= 1.0 for i in range(3) for j in range(i + 1))
+    assert results["average_accuracy"] == pytest.approx(
+        [R[0][0], (R[1][0] + R[1][1]) / 2, (R[2][0] + R[2][1] + R[2][2]) / 3]
+    )
+    assert results["bwt"] == pytest.approx((R[2][0] - R[0][0] + R[2][1] - R[1][1]) / 2)
     # One class per task: task-aware accuracy is trivially perfect.
-    assert results["task_aware_accuracy_matrix"] == [[1.0, None], [1.0, 1.0]]
-    p0, p1 = results["generator_params"]
-    assert p1 >= p0 > 0
-    assert len(results["wall_time_s"]) == 2 and all(w > 0 for w in results["wall_time_s"])
+    assert results["task_aware_accuracy_matrix"] == [[1.0, None, None], [1.0, 1.0, None], [1.0, 1.0, 1.0]]
+    p0, p1, p2 = results["generator_params"]
+    assert p2 >= p1 >= p0 > 0
+    assert len(results["wall_time_s"]) == 3 and all(w > 0 for w in results["wall_time_s"])
     # Where each task's wall time went: the phases and "other" add up to it.
     for wall, phases in zip(results["wall_time_s"], results["time_breakdown_s"]):
         assert sorted(phases) == sorted(Stopwatch.PHASES + ("other",))
         assert sum(phases.values()) == pytest.approx(wall, abs=0.01)
         # No phase is counted twice ("other" >= 0), and the phases claim most of it.
         assert min(phases.values()) >= -0.01 and phases["other"] < 0.2 * wall
-        # The first step traces the task's graph; TINY trains 2 epochs of 2 steps.
+        # The first step traces the task's graph; DGM_RUN trains 2 epochs of 2 steps.
         assert phases["first_step"] > phases["iterations"] / 3 > 0
         for name in ("begin_task", "validation", "monitoring", "checkpoint", "evaluation", "export"):
             assert phases[name] > 0, name
@@ -102,15 +132,18 @@ def test_run_writes_results_with_documented_keys(tiny_run):
 def test_run_exports_every_task_in_tf_serving_layout(tiny_run):
     workdir, _ = tiny_run
     for model in ("classifier", "generator"):
-        assert sorted(p.name for p in (workdir / "export" / model).iterdir()) == ["1", "2"]
-        classes = json.loads((workdir / "export" / model / "2" / "classes.json").read_text())["classes"]
-        assert [c["class_id"] for c in classes] == [1, 7]
+        assert sorted(p.name for p in (workdir / "export" / model).iterdir()) == ["1", "2", "3"]
+        for version, learned in ((2, [1, 7]), (3, [1, 7, 8])):
+            classes = json.loads((workdir / "export" / model / str(version) / "classes.json").read_text())["classes"]
+            assert [c["class_id"] for c in classes] == learned
     assert 'name: "classifier"' in (workdir / "export" / "models.config").read_text()
 
 
 def test_noexport_writes_no_export_folder(tmp_path):
     workdir = tmp_path / "wd"
-    proc = run_cli(*TINY, "--epochs=1", "--class_order=1", "--noexport", f"--workdir={workdir}",
+    # The engine skips the export for every method; fine-tuning would export a classifier
+    # and traces no GAN step (the cheapest run).
+    proc = run_cli(*TINY, "--epochs=1", "--class_order=1", "--noexport", "--method=finetune", f"--workdir={workdir}",
                    "--verbosity=1", onednn_env="0")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (workdir / "results.json").exists() and not (workdir / "export").exists()
@@ -124,7 +157,7 @@ def test_noexport_writes_no_export_folder(tmp_path):
 
 def test_run_writes_sample_grids_of_every_seen_class(tiny_run):
     workdir, _ = tiny_run
-    for task, rows in ((1, 1), (2, 2)):
+    for task, rows in ((1, 1), (2, 2), (3, 3)):
         png = tf.io.decode_png(tf.io.read_file(str(workdir / "samples" / f"task_{task:02d}.png"))).numpy()
         # rows of classes x 3 samples of 32x32 with 2-pixel padding
         assert png.shape == (rows * 34 + 2, 3 * 34 + 2, 1)
@@ -138,14 +171,14 @@ LOG_RECORD = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ (\S+):\d+\] ", r
 def test_run_prints_epoch_progress_and_summary(tiny_run):
     _, proc = tiny_run
     log = proc.stderr + proc.stdout
-    assert "task 2/2 epoch 2/2" in log
-    assert "A_2=" in log and "summary" in log
+    assert "task 3/3 epoch 2/2" in log
+    assert "A_3=" in log and "summary" in log
     # Only the project's own lines, each "HH:MM:SS message": none of TensorFlow's start-up
     # records, its cuInit ERROR on GPU-less machines, or the SavedModel writer's INFO lines.
     assert not LOG_RECORD.findall(log), log[:3000]
     for noise in ("cuInit", "absl::InitializeLog", "signature_serialization", "fingerprint.pb", "Sharding callback"):
         assert noise not in log, noise
-    assert re.search(r"^\d\d:\d\d:\d\d task 2/2 epoch 2/2 ", log, re.MULTILINE), log[:3000]
+    assert re.search(r"^\d\d:\d\d:\d\d task 3/3 epoch 2/2 ", log, re.MULTILINE), log[:3000]
 
 
 def test_startup_filter_keeps_warnings_and_errors_and_drops_info():
@@ -187,8 +220,14 @@ def test_lr_and_the_per_network_rates_the_later_flag_wins():
 def test_flags_txt_reproduces_the_config(tiny_run, tmp_path):
     workdir, _ = tiny_run
     reproduced = parse_flags(f"--flagfile={workdir / 'flags.txt'}", f"--workdir={tmp_path}")
-    expected = parse_flags(*TINY, f"--workdir={tmp_path}")
+    expected = parse_flags(*DGM_RUN, f"--workdir={tmp_path}")
     assert reproduced == expected
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(request, tmp_path_factory):
+    return cli_cases_two_at_a_time(request, tmp_path_factory, "test_bad_input_gets_one_clear_line_and_writes_nothing",
+                                   lambda root, args, flag: ([*args, f"--workdir={root / 'wd'}"], None))
 
 
 @pytest.mark.parametrize(
@@ -212,9 +251,10 @@ def test_flags_txt_reproduces_the_config(tiny_run, tmp_path):
         (["--dataset=bogus"], "bogus"),
     ],
 )
-def test_bad_input_gets_one_clear_line_and_writes_nothing(tmp_path, args, flag):
-    workdir = tmp_path / "wd"
-    proc = run_cli(*args, f"--workdir={workdir}")
+def test_bad_input_gets_one_clear_line_and_writes_nothing(bad_input_runs, request, args, flag):
+    root, _, proc = case_result(bad_input_runs, request)
+    workdir = root / "wd"
+    assert proc.args[-1] == f"--workdir={workdir}" and proc.args[-1 - len(args):-1] == args  # this case's run
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -316,13 +356,25 @@ def _bad_idx_magic(root):
     return "idx:" + str(d), [str(d / "train-images-idx3-ubyte"), "magic"]
 
 
+def _bad_data_command(root, make):
+    spec, needles = make(root)
+    return [f"--dataset={spec}", f"--workdir={root / 'wd'}"], needles
+
+
+@pytest.fixture(scope="module")
+def bad_data_runs(request, tmp_path_factory):
+    return cli_cases_two_at_a_time(request, tmp_path_factory, "test_bad_data_files_get_one_line_naming_the_file",
+                                   _bad_data_command)
+
+
 @pytest.mark.parametrize(
     "make", [_bad_npz_without_y, _bad_npz_labels, _bad_folder_sizes, _bad_folder_empty_class, _bad_idx_magic]
 )
-def test_bad_data_files_get_one_line_naming_the_file(tmp_path, make):
-    spec, needles = make(tmp_path)
-    workdir = tmp_path / "wd"
-    proc = run_cli(f"--dataset={spec}", f"--workdir={workdir}")
+def test_bad_data_files_get_one_line_naming_the_file(bad_data_runs, request, make):
+    root, needles, proc = case_result(bad_data_runs, request)
+    workdir = root / "wd"
+    assert proc.args[-1] == f"--workdir={workdir}" and proc.args[-2].startswith("--dataset=")  # this case's run
+    assert str(root) in proc.args[-2] and make.__name__ in request.node.callspec.id
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(error_lines) == 1, proc.stderr[-2000:]
@@ -339,16 +391,19 @@ def test_a_tiny_run_on_a_folder_dataset_end_to_end(tmp_path):
             (tmp_path / "imgs" / name).mkdir(parents=True, exist_ok=True)
             (tmp_path / "imgs" / name / f"{i}.png").write_bytes(tf.io.encode_png(img).numpy())
     workdir = tmp_path / "wd"
-    proc = run_cli(f"--dataset=folder:{tmp_path / 'imgs'}", "--class_order=random:1", "--epochs=1",
-                   "--batch_size=4", "--nz=16", "--ngf=2", "--ndf=4", "--samples_per_class=2",
+    # Both classes in one task: the data path, the RGB networks and the export are the
+    # same for one task as for two, and a second task would only add its tracing.
+    proc = run_cli(f"--dataset=folder:{tmp_path / 'imgs'}", "--class_order=random:1", "--classes_per_task=2",
+                   "--epochs=1", "--batch_size=4", "--nz=16", "--ngf=2", "--ndf=4", "--samples_per_class=2",
                    f"--workdir={workdir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((workdir / "results.json").read_text())
     assert sorted(c for task in results["tasks"] for c in task) == [0, 1]
+    assert (workdir / "export" / "classifier" / "1" / "saved_model.pb").is_file()
     assert "--class_order=random:1" in (workdir / "flags.txt").read_text().splitlines()
     # RGB end to end: 3-channel generator heads, discriminator input and sample grid.
     grid = tf.io.decode_png((workdir / "samples" / "task_01.png").read_bytes()).numpy()
-    assert grid.shape[-1] == 3 and grid.std() > 0
+    assert grid.shape == (2 * 34 + 2, 2 * 34 + 2, 3) and grid.std() > 0  # a row per class
 
 
 def test_unwritable_workdir_is_one_clear_line(tmp_path):

@@ -17,18 +17,16 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator as ea
 
 from dgm_tf.monitoring import accuracy_matrix_image
-from tests.test_cli import TINY, run_cli
+from tests.test_cli import DGM_RUN, run_cli
 
-ARGS = [a for a in TINY if not a.startswith("--class_order")] + [
-    "--class_order=1,7,8", "--log_every_steps=1", "--eval_every=1",
-]
+# Three one-class tasks, 2 epochs of 2 iterations, logged every step, validated every epoch.
+ARGS = DGM_RUN
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("tb") / "wd"
-    proc = run_cli(*ARGS, f"--workdir={workdir}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def run(dgm_cli_run):
+    """The shared CLI run (tests/conftest.py) and its TensorBoard events, read back."""
+    workdir, proc = dgm_cli_run
     acc = ea.EventAccumulator(str(workdir / "tb"), size_guidance={ea.TENSORS: 0})
     acc.Reload()
     results = json.loads((workdir / "results.json").read_text())

@@ -8,6 +8,7 @@ bit for bit.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,12 +16,11 @@ import numpy as np
 import pytest
 
 from dgm_tf.checkpoint import CheckpointManager
-from tests.test_cli import REPO, run_cli
+from tests.test_cli import DGM_RUN, REPO, run_cli
 
-FLAGS = [
-    "--class_order=1,7,8", "--epochs=2", "--train_examples_per_class=32", "--batch_size=16", "--nz=16",
-    "--ngf=2", "--ndf=4", "--samples_per_class=3", "--eval_every=1",
-]
+# Three one-class tasks of 2 epochs (2 iterations each): the shared CLI run of
+# tests/conftest.py, so the uninterrupted reference costs nothing here.
+FLAGS = DGM_RUN
 FLAGS_4 = [f for f in FLAGS if not f.startswith("--class_order")] + ["--class_order=1,7,8,9"]
 
 
@@ -66,27 +66,39 @@ def assert_same_run(reference, resumed):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(dgm_cli_run, tmp_path_factory):
+    """The uninterrupted run (read only). Compared bit for bit, it must run on the
+    kernels run_killed's runs inherit from this process: the shared run leaves oneDNN to
+    main, which turns it on, as conftest did here unless TF_ENABLE_ONEDNN_OPTS said
+    otherwise; then the reference runs on this process's setting."""
+    if os.environ["TF_ENABLE_ONEDNN_OPTS"] == "1":
+        return dgm_cli_run[0]
     workdir = tmp_path_factory.mktemp("ref") / "wd"
     proc = run_cli_as_killed(*FLAGS, f"--workdir={workdir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir
 
 
-def test_killed_writing_a_checkpoint_mid_epoch_and_during_export_resumes_to_the_same_run(reference, tmp_path):
+@pytest.fixture
+def finished(reference, tmp_path):
+    """A copy of the finished reference run, for tests that resume it."""
+    return shutil.copytree(reference, tmp_path / "finished")
+
+
+def test_killed_writing_a_checkpoint_mid_task_and_during_export_resumes_to_the_same_run(reference, tmp_path):
     workdir = tmp_path / "wd"
-    # Killed while the second checkpoint (task 1, epoch 2) is written but not renamed in:
-    # the first is the newest whole one, and the half-written one is never read.
-    proc = run_killed("checkpoint:2", *FLAGS, f"--workdir={workdir}")
+    # Checkpoints follow every epoch and every task: task 1 writes 1, 2 and 3 (its end),
+    # task 2 writes 4 and 5 after its epochs. Killed while the 5th is written but not
+    # renamed in: the 4th is the newest whole one (keep=3), the half-written one is never
+    # read, and the work of task 2's second epoch is lost.
+    proc = run_killed("checkpoint:5", *FLAGS, f"--workdir={workdir}")
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert [p.name for p in CheckpointManager(workdir / "ckpt").paths()] == ["000001"]
+    assert [p.name for p in CheckpointManager(workdir / "ckpt").paths()] == ["000002", "000003", "000004"]
     assert any(p.name.startswith(".tmp") for p in (workdir / "ckpt").iterdir())
-    # Resumed, then killed inside epoch 2 of task 2: the epoch-1 checkpoint of task 2 is the newest.
-    proc = run_killed("batch:1:1:1", *FLAGS, f"--workdir={workdir}", "--resume")
-    assert proc.returncode == -9, proc.stderr[-2000:]
-    assert "resuming from" in proc.stderr and "task 1, 1 epochs done" in proc.stderr
     assert json.loads((workdir / "results.json").read_text())["tasks_completed"] == 1
-    # Resumed, then killed while export version 2 is written but not renamed in.
+    # Resumed mid-task in task 2 (grown generator, replay set from ckpt/shared, optimizer
+    # slots), then killed while export version 2 is written but not renamed in. (A kill
+    # inside an epoch and one as a task begins: the -m slow 4-task test below.)
     proc = run_killed("export:2", *FLAGS, f"--workdir={workdir}", "--resume")
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert "resuming from" in proc.stderr and "task 2, 1 epochs done" in proc.stderr
@@ -95,6 +107,7 @@ def test_killed_writing_a_checkpoint_mid_epoch_and_during_export_resumes_to_the_
     assert [n for n in names if n.isdigit()] == ["1"] and any(n.startswith(".tmp-2-") for n in names)
     proc = run_cli_as_killed(*FLAGS, f"--workdir={workdir}", "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "task 2, 2 epochs done" in proc.stderr
     assert_same_run(reference, workdir)
     assert not any(p.name.startswith(".tmp") for p in (workdir / "export" / "classifier").iterdir())
 
@@ -116,27 +129,25 @@ def test_four_tasks_killed_at_every_kind_of_point_resume_to_the_same_run(tmp_pat
     assert_same_run(reference, workdir)
 
 
-def test_resuming_a_finished_run_changes_nothing(reference, tmp_path):
-    before = (reference / "results.json").read_text()
-    proc = run_cli(*FLAGS, f"--workdir={reference}", "--resume")
+def test_resuming_a_finished_run_changes_nothing_and_may_change_logging_cadence(finished):
+    # One process for two properties: a resume may change the logging cadence (a
+    # RESUME_MAY_CHANGE flag: 1 in the run, 7 now), and a finished run stays as it was.
+    # (A resume with the run's own flags: the kill test above.)
+    before = (finished / "results.json").read_text()
+    proc = run_cli(*FLAGS, "--log_every_steps=7", f"--workdir={finished}", "--resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (reference / "results.json").read_text() == before
+    assert (finished / "results.json").read_text() == before
     assert "task 3, finished" in proc.stderr
 
 
-def test_resume_with_other_flags_is_refused_with_the_differences(reference):
-    listing = sorted(p.name for p in (reference / "ckpt").iterdir())
-    proc = run_cli(*FLAGS, "--epochs=3", "--lr=0.001", f"--workdir={reference}", "--resume")
+def test_resume_with_other_flags_is_refused_with_the_differences(finished):
+    listing = sorted(p.name for p in (finished / "ckpt").iterdir())
+    proc = run_cli(*FLAGS, "--epochs=3", "--lr=0.001", f"--workdir={finished}", "--resume")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(error) == 1
     assert "--epochs: run has 2, now 3" in error[0] and "--lr_d: run has 0.002, now 0.001" in error[0]
-    assert sorted(p.name for p in (reference / "ckpt").iterdir()) == listing
-
-
-def test_resume_may_change_logging_cadence(reference):
-    proc = run_cli(*FLAGS, "--log_every_steps=7", f"--workdir={reference}", "--resume")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in (finished / "ckpt").iterdir()) == listing
 
 
 @pytest.mark.parametrize("setup", ["missing", "no_flags"])
@@ -153,8 +164,10 @@ def test_resume_without_a_run_is_an_error(tmp_path, setup):
 
 
 def test_full_disk_stops_with_one_line_and_keeps_earlier_results(tmp_path):
+    # The engine writes results.json for every method; fine-tuning is the cheapest run
+    # that reaches the second write (no GAN step to trace: about half DGMw's time).
     workdir = tmp_path / "wd"
-    proc = run_killed("enospc:results.json:2", *FLAGS, f"--workdir={workdir}")
+    proc = run_killed("enospc:results.json:2", *FLAGS, "--method=finetune", f"--workdir={workdir}")
     assert proc.returncode == 4, proc.stderr[-2000:]
     error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(error) == 1 and "results.json" in error[0] and "No space left on device" in error[0]
@@ -172,13 +185,16 @@ def test_non_finite_loss_stops_naming_task_epoch_and_step(tmp_path, monkeypatch)
 
     def poisoned(self, batch, logs=None):
         if self.task == 1 and self.epoch == 1 and batch == 1:
-            logs = dict(logs, g_loss_step=np.float32("nan"))
+            assert np.isfinite(logs["c_loss_step"])  # the step's own loss, as the method logged it
+            logs = dict(logs, c_loss_step=np.float32("nan"))
         return original(self, batch, logs)
 
     monkeypatch.setattr(engine.NonFiniteGuard, "on_train_batch_end", poisoned)
-    config = Config(dataset="embedded", class_order=(1, 7, 8), epochs=2, train_examples_per_class=32,
-                    batch_size=16, nz=16, ngf=2, ndf=4, samples_per_class=3, export=False)
-    with pytest.raises(engine.TrainingError, match=r"non-finite g_loss .* task 2, epoch 2, step 2"):
+    # The guard and the checkpoints are the engine's, whatever the method: fine-tuning
+    # (c_loss_step) is the cheapest to reach task 2 (no GAN step to trace).
+    config = Config(method="finetune", dataset="embedded", class_order=(1, 7, 8), epochs=2,
+                    train_examples_per_class=32, batch_size=16, nz=16, ndf=4, export=False)
+    with pytest.raises(engine.TrainingError, match=r"non-finite c_loss .* task 2, epoch 2, step 2"):
         engine.run_experiment(config, tmp_path / "wd")
     latest = CheckpointManager(tmp_path / "wd" / "ckpt").latest()
     assert (latest.state["task"], latest.state["epochs_done"], latest.state["phase"]) == (1, 1, "epoch")
