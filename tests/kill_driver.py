@@ -19,7 +19,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import errno  # noqa: E402
 
 from dgm_tf import checkpoint, export, io_utils, main  # noqa: E402
-from dgm_tf.methods import baselines, dgm  # noqa: E402
+from dgm_tf.methods import classifier_base, dgm  # noqa: E402
 
 
 def die():
@@ -42,7 +42,7 @@ def install(point: str) -> None:
         dgm.MaskScaleSchedule.on_train_batch_begin = on_batch
     elif kind == "begin_task":
         # Every method's begin_task (DGMw/DGMa share DGM's; the comparison methods theirs).
-        for cls in (dgm.DGM, baselines.ClassifierBaseline):
+        for cls in (dgm.DGM, classifier_base.ClassifierBaseline):
             original_begin = cls.begin_task
 
             def begin(self, task, _original=original_begin):

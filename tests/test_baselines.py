@@ -16,7 +16,9 @@ from tensorboard.backend.event_processing import event_accumulator as ea
 from dgm_tf import engine
 from dgm_tf.checkpoint import CheckpointManager
 from dgm_tf.config import Config
-from dgm_tf.methods.baselines import MAS, Joint, build_classifier, classifier_variables, network_logits
+from dgm_tf.methods.joint import Joint
+from dgm_tf.methods.mas import MAS
+from dgm_tf.models.classifier import build_classifier, classifier_variables, network_logits
 from dgm_tf.methods.mas import (
     accumulate_importance,
     mas_importance,

@@ -799,7 +799,7 @@ def test_weights_poisoned_by_an_epochs_last_step_are_never_checkpointed(tmp_path
 
 def test_a_non_finite_sample_grid_stops_like_a_non_finite_loss(tmp_path, embedded_raw, monkeypatch):
     from dgm_tf import engine
-    from dgm_tf.methods.baselines import Joint
+    from dgm_tf.methods.joint import Joint
 
     _two_class_npz(tmp_path / "data.npz", embedded_raw)
     monkeypatch.setattr(
@@ -813,7 +813,7 @@ def test_a_failing_tensorboard_close_does_not_hide_the_error_that_stopped_traini
     tmp_path, embedded_raw, monkeypatch, caplog
 ):
     from dgm_tf import engine, monitoring
-    from dgm_tf.methods.baselines import Joint
+    from dgm_tf.methods.joint import Joint
 
     _two_class_npz(tmp_path / "data.npz", embedded_raw)
     monkeypatch.setattr(

@@ -22,7 +22,7 @@ from dgm_tf import engine
 from dgm_tf.checkpoint import CheckpointManager
 from dgm_tf.config import Config, ConfigError
 from dgm_tf.methods import make_method
-from dgm_tf.methods.baselines import build_classifier, classifier_variables, network_logits
+from dgm_tf.models.classifier import build_classifier, classifier_variables, network_logits
 from dgm_tf.methods.mas import mas_importance
 from tests.test_cli import REPO
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dgm_tf.config import Config, ConfigError
 from dgm_tf.methods.base import ContinualMethod
-from dgm_tf.methods.baselines import MAS, FineTune, Joint
 from dgm_tf.methods.dgm import DGMa, DGMw
+from dgm_tf.methods.finetune import FineTune
+from dgm_tf.methods.joint import Joint
+from dgm_tf.methods.mas import MAS
 
 METHODS: dict[str, type[ContinualMethod]] = {
     "dgmw": DGMw,

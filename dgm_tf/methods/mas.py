@@ -1,4 +1,5 @@
-"""Memory Aware Synapses: parameter importance and the penalty, as pure functions.
+"""Memory Aware Synapses: parameter importance and the penalty as pure functions, and
+the ``MAS`` method (``--method=mas``) built on them.
 
 Aljundi, Babiloni, Elhoseiny, Rohrbach, Tuytelaars: "Memory Aware Synapses: Learning
 what (not) to forget", ECCV 2018 (arXiv:1711.09601).
@@ -41,6 +42,10 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
+from dgm_tf.config import Config
+from dgm_tf.data import Scenario, TaskData
+from dgm_tf.methods.classifier_base import ClassifierBaseline
+from dgm_tf.models.classifier import classifier_variables, network_logits
 from dgm_tf.replica import per_replica
 
 DEFAULT_IMPORTANCE_BATCH = 256
@@ -151,3 +156,74 @@ def mas_penalty(
     ]
     total = tf.add_n(terms) if terms else tf.constant(0.0)
     return tf.constant(float(mas_lambda), tf.float32) * total
+
+
+class MAS(ClassifierBaseline):
+    """Memory Aware Synapses (Aljundi et al., ECCV 2018) on a single growing head.
+
+    After task t: Omega += importance on task t's training data, theta* = the
+    parameters now. While training task t+1 the loss is the cross-entropy plus
+    ``mas_lambda * sum(Omega * (theta - theta*)^2)``; the head's new rows have
+    Omega = 0. ``dgm_tf.methods.mas`` documents where we follow and deviate from the
+    paper.
+    """
+
+    name = "mas"
+
+    def __init__(self, config: Config, scenario: Scenario):
+        super().__init__(config, scenario)
+        self.omega: list[np.ndarray] | None = None
+        self.theta_star: list[np.ndarray] | None = None
+
+    def head_grown(self) -> None:
+        if self.omega is not None:
+            shapes = [tuple(v.shape) for v in classifier_variables(self.network)]
+            self.omega = pad_like(self.omega, shapes)
+            self.theta_star = pad_like(self.theta_star, shapes)
+
+    def penalty_fn(self):
+        if self.omega is None:  # first task: nothing to protect
+            return None
+        variables = classifier_variables(self.network)
+        omega = [tf.constant(o) for o in self.omega]
+        theta_star = [tf.constant(s) for s in self.theta_star]
+        mas_lambda = self.config.mas_lambda
+        return lambda: mas_penalty(variables, omega, theta_star, mas_lambda)
+
+    def penalty_now(self) -> float:
+        """The penalty at the current parameters (0 before the first task ends)."""
+        if self.omega is None:
+            return 0.0
+        variables = classifier_variables(self.network)
+        return float(mas_penalty(variables, self.omega, self.theta_star, self.config.mas_lambda))
+
+    def consolidate(self, task: TaskData) -> dict:
+        network = self.network
+        variables = classifier_variables(network)
+        penalty_at_end = self.penalty_now()
+        importance = mas_importance(lambda x: network_logits(network, x, training=False), variables, task.x_train)
+        self.omega = accumulate_importance(self.omega, importance)
+        self.theta_star = [v.numpy().astype(np.float32) for v in variables]
+        flat = np.concatenate([o.ravel() for o in self.omega])
+        return {
+            # lambda * sum(Omega (theta - theta*)^2) at the end of this task (earlier Omega).
+            "mas_penalty_end": penalty_at_end,
+            "mas_task_importance_mean": float(np.mean(np.concatenate([i.ravel() for i in importance]))),
+            "mas_omega_mean": float(flat.mean()),
+            "mas_omega_max": float(flat.max()),
+        }
+
+    def extra_state(self, during_task):
+        arrays = {}
+        for i, (o, s) in enumerate(zip(self.omega or [], self.theta_star or [])):
+            arrays[f"mas/omega/{i:04d}"] = o
+            arrays[f"mas/theta_star/{i:04d}"] = s
+        return {"mas_arrays": 0 if self.omega is None else len(self.omega)}, arrays, {}
+
+    def restore_extra(self, state, arrays, shared):
+        n = state["mas_arrays"]
+        if n:
+            self.omega = [arrays[f"mas/omega/{i:04d}"] for i in range(n)]
+            self.theta_star = [arrays[f"mas/theta_star/{i:04d}"] for i in range(n)]
+        else:
+            self.omega = self.theta_star = None

@@ -1,11 +1,16 @@
-"""A larger CNN classifier with a growing class head (``--classifier=cnn``)."""
+"""The comparison methods' classifier networks (``--classifier``): ``dgm`` is DGM's
+``Discriminator`` (its auxiliary class head is the classifier), ``cnn`` the larger
+``CNNClassifier`` below; ``build_classifier``, ``network_logits`` and
+``classifier_variables`` hide which one a method trains."""
 
 from __future__ import annotations
 
 import keras
 
+from dgm_tf.config import ConfigError
 from dgm_tf.layers.replica_batch_norm import ReplicaBatchNormalization
 from dgm_tf.models.discriminator import (
+    Discriminator,
     TorchDefaultBias,
     apply_trunk,
     copy_into_wider_head,
@@ -125,3 +130,27 @@ class CNNClassifier(keras.Model):
             layer_new.set_weights(layer_old.get_weights())
         copy_into_wider_head(new.class_head, self.class_head)
         return new
+
+
+def build_classifier(kind: str, ndf: int, num_classes: int, image_channels: int, image_size: int = 32,
+                     dtype: str = "float32") -> keras.Model:
+    """A fresh classifier network: ``dgm`` (DGM's discriminator) or ``cnn``."""
+    if kind == "dgm":
+        return Discriminator(ndf, num_classes, image_channels, image_size, name="classifier", dtype=dtype)
+    if kind == "cnn":
+        return CNNClassifier(ndf, num_classes, image_channels, image_size, name="classifier", dtype=dtype)
+    raise ConfigError(f"--classifier: unknown classifier {kind!r}; choose dgm or cnn")
+
+
+def network_logits(network: keras.Model, images, training: bool):
+    """Logits over the seen classes (float32); the discriminator's critic output is dropped."""
+    out = network(images, training=training)
+    return out[1] if isinstance(network, Discriminator) else out
+
+
+def classifier_variables(network: keras.Model) -> list:
+    """The trainable parameters the logits depend on (the discriminator's critic head excluded)."""
+    if isinstance(network, Discriminator):
+        critic = {id(v) for v in network.critic_head.weights}
+        return [v for v in network.trainable_variables if id(v) not in critic]
+    return list(network.trainable_variables)
