@@ -10,7 +10,7 @@ QUICKSTART_DIR ?= runs/quickstart
 $(BIN)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e '.[test]'
+	$(BIN)/python -m pip install -e '.[test,report]'
 	touch $@
 
 venv: $(BIN)/.installed

@@ -10,7 +10,11 @@ setup(
         "continual learning in TensorFlow 2 / Keras 3"
     ),
     python_requires=">=3.10",
-    packages=find_packages(include=["dgm_tf", "dgm_tf.*"]),
+    # tools/ is installed as dgm_tf_tools (a namespace package: tools/ has no __init__.py)
+    # so that the dgm-tf-report command can import tools/report.py; the tools still run as
+    # `python tools/<name>.py` from a checkout.
+    packages=find_packages(include=["dgm_tf", "dgm_tf.*"]) + ["dgm_tf_tools"],
+    package_dir={"dgm_tf_tools": "tools"},
     package_data={"dgm_tf.data": ["embedded/*.npz", "embedded/PROVENANCE.md"]},
     include_package_data=True,
     install_requires=[
@@ -26,6 +30,7 @@ setup(
         "absl-py>=2.1",
         "numpy>=1.26",
     ],
-    extras_require={"test": ["pytest>=8"]},
-    entry_points={"console_scripts": ["dgm-tf=dgm_tf.main:run"]},
+    # report: tools/report.py (dgm-tf-report) plots with matplotlib; the core install stays lean.
+    extras_require={"test": ["pytest>=8"], "report": ["matplotlib>=3.8"]},
+    entry_points={"console_scripts": ["dgm-tf=dgm_tf.main:run", "dgm-tf-report=dgm_tf_tools.report:main"]},
 )
