@@ -1,0 +1,408 @@
+"""Dynamos's pure pieces: the policy (REINFORCE) loss, the prototype loss, the replay
+losses, the warm-up rule, the add-if-correct reservoir buffer and the reference's best
+hyperparameters.
+
+Dynamos (Varma, Arani, Zonooz, "Dynamically Modular and Sparse General Continual
+Learning", VISAPP 2023, arXiv 2301.00620) gates the channels of a ResNet's second stage
+with agents trained by REINFORCE to keep a fraction ``keep_ratio`` of them
+(``dgm_tf.layers.gating``, ``dgm_tf.models.dynamos_net``), pulls the gating patterns of
+same-class samples together (prototype loss), and rehearses from a reservoir buffer of
+correctly classified samples with their logits and policy logits.
+
+Reference: github NeurAI-Lab/DynamicContinualLearning (Mammoth-based). Each function
+names the file it follows and where it departs from it. The step's total loss, as
+``models/dynamos.py`` (``Dynamos.observe``) builds it, for the lead's trainer::
+
+    current batch:  CE + reward_weight * policy + prototype_weight * prototype
+    buffer batch:   alpha * MSE(logits, stored logits)
+                    + policy_alpha * MSE(policy logits, stored policy logits)
+                    + beta * (CE + reward_weight * policy)
+                    + prototype_weight * prototype
+    warm-up steps:  CE only, ungated, nothing stored, no buffer batch
+
+Per-sample terms (CE, ``policy_loss``, ``logit_replay_mse``) are returned per sample
+so a trainer sums them over its replica and divides by the global count
+(``dgm_tf.replica.global_mean``). ``prototype_loss`` is a ratio of sums over *pairs*
+of the batch and does not split into replica shares: under N replicas it must see the
+global batch's policy logits (``ReplicaContext.all_gather``) and enter the loss through
+``dgm_tf.replica.batch_free``; with one replica it is the plain value.
+
+All randomness of the buffer comes from an explicit ``numpy.random.Generator``
+(``keyed_rng(seed, task, epoch, step, stream)`` gives one per step without any state
+to checkpoint); the gates draw from a stateless seed (``stateless_seed``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from dgm_tf.layers.gating import TEMPERATURE
+
+# Defaults of the reference's add_policy_args (utils/args.py) and every best_args entry.
+KEEP_RATIO = 0.7
+POLICY_PENALTY = -500.0
+# Ungated warm-up: "no actions for first 10 epochs/iterations" (utils/args.py --warmup;
+# utils/policy_training.py ``train``: ``set_warmup(epoch < 10)`` or ``set_warmup(i < 10)``).
+WARMUP = 10
+# Streams of keyed_rng within one step.
+STREAM_BUFFER_SAMPLE = 0
+STREAM_BUFFER_ADD = 1
+STREAM_GATES = 2
+
+
+# ------------------------------------------------------------------ hyperparameters
+
+@dataclasses.dataclass(frozen=True)
+class DynamosSettings:
+    """One of the reference's best settings (utils/best_args.py, key ``dynamos``).
+
+    ``buffer_batch_size`` is the reference's ``minibatch_size``, ``prototype_weight`` its
+    ``prototype_loss``, ``epochs`` its ``n_epochs`` (per task). SGD without momentum
+    (models/utils/continual_model.py), ``nf`` 32, the ungated warm-up on (``warmup:
+    True``) in every entry.
+    """
+
+    dataset: str
+    buffer_size: int
+    lr: float
+    batch_size: int
+    buffer_batch_size: int
+    epochs: int
+    alpha: float
+    beta: float
+    policy_alpha: float
+    policy_penalty: float
+    reward_weight: float
+    prototype_weight: float
+    keep_ratio: float = KEEP_RATIO
+    nf: int = 32
+    warmup: bool = True
+    temperature: float = TEMPERATURE
+
+
+def _mnist(buffer_size, alpha, beta, penalty, reward_weight, prototype_weight):
+    return DynamosSettings("seq-mnist", buffer_size, lr=0.07, batch_size=10, buffer_batch_size=10, epochs=1,
+                           alpha=alpha, beta=beta, policy_alpha=0.2, policy_penalty=penalty,
+                           reward_weight=reward_weight, prototype_weight=prototype_weight)
+
+
+def _svhn(buffer_size, alpha, beta, policy_alpha):
+    return DynamosSettings("seq-svhn", buffer_size, lr=0.07, batch_size=16, buffer_batch_size=16, epochs=70,
+                           alpha=alpha, beta=beta, policy_alpha=policy_alpha, policy_penalty=-500.0,
+                           reward_weight=1.0, prototype_weight=0.5)
+
+
+# Checked value by value against NeurAI-Lab/DynamicContinualLearning, utils/best_args.py
+# (commit e6d5509). seq-MNIST / seq-SVHN: 5 tasks of 2 classes (datasets/seq_*.py). The
+# reference also lists mnist-360 (a general-continual stream, not a task sequence).
+BEST_SETTINGS: dict[str, DynamosSettings] = {
+    "seq_mnist_b500": _mnist(500, alpha=0.2, beta=2.0, penalty=-500.0, reward_weight=0.5, prototype_weight=0.3),
+    "seq_mnist_b1000": _mnist(1000, alpha=0.1, beta=2.5, penalty=-200.0, reward_weight=0.7, prototype_weight=0.5),
+    "seq_mnist_b2000": _mnist(2000, alpha=0.5, beta=3.0, penalty=-200.0, reward_weight=0.5, prototype_weight=0.5),
+    "seq_svhn_b500": _svhn(500, alpha=2.0, beta=3.0, policy_alpha=1.0),
+    "seq_svhn_b1000": _svhn(1000, alpha=2.5, beta=2.0, policy_alpha=0.2),
+    "seq_svhn_b2000": _svhn(2000, alpha=2.5, beta=2.0, policy_alpha=0.2),
+}
+
+
+# --------------------------------------------------------------------- warm-up
+
+def ungated_warmup(task: int, epoch: int, step: int, epochs_per_task: int, warmup: int = WARMUP) -> bool:
+    """Whether this step trains ungated with CE only (and stores nothing).
+
+    With one epoch per task: the first ``warmup`` steps of the run (task 0); otherwise
+    the first ``warmup`` epochs of the run, counted across tasks. Follows
+    utils/policy_training.py, ``train``: once the network leaves warm-up it never
+    returns (``set_warmup`` is only called while ``get_warmup()`` holds). There, with 2
+    to 10 epochs per task, ``set_warmup(epoch < 10)`` is true at every epoch of every
+    task (the epoch index restarts per task), so the run never leaves warm-up; we count
+    the run's epochs, which agrees with the reference whenever it leaves warm-up (1 or
+    more than 10 epochs per task).
+    """
+    if min(task, epoch, step) < 0 or epochs_per_task < 1:
+        raise ValueError("task, epoch and step must be >= 0 and epochs_per_task >= 1")
+    if epochs_per_task == 1:
+        return task == 0 and step < warmup
+    return task * epochs_per_task + epoch < warmup
+
+
+# ------------------------------------------------------------------- policy loss
+
+def correct_predictions(class_logits, labels) -> tf.Tensor:
+    """Boolean ``[N]``: argmax of the logits equals the label."""
+    labels = tf.cast(tf.reshape(labels, [-1]), tf.int64)
+    return tf.equal(tf.argmax(class_logits, axis=-1, output_type=tf.int64), labels)
+
+
+def bernoulli_log_prob(policy_logits, actions, temperature: float = TEMPERATURE) -> tf.Tensor:
+    """log pi(action) per channel, with p = sigmoid(policy_logits / temperature).
+
+    log p = log_sigmoid(z / T) for a kept channel, log (1 - p) = log_sigmoid(-z / T) for
+    a dropped one: stable where p saturates (the reference evaluates
+    ``Bernoulli(p).log_prob``, backbone/GatedResNet.py ``Agent.forward``).
+    """
+    z = tf.cast(policy_logits, tf.float32) / temperature
+    actions = tf.cast(actions, tf.float32)
+    return actions * tf.math.log_sigmoid(z) + (1.0 - actions) * tf.math.log_sigmoid(-z)
+
+
+def agent_log_probs(policy_logits, actions, agent_channels: Sequence[int],
+                    temperature: float = TEMPERATURE) -> tf.Tensor:
+    """``[N, agents]``: log pi of each agent's action vector, the sum over its channels
+    (the reference's ``log_probs.squeeze().sum(dim=1)`` per agent)."""
+    per_channel = bernoulli_log_prob(policy_logits, actions, temperature)
+    return tf.stack([tf.reduce_sum(part, axis=1) for part in tf.split(per_channel, list(agent_channels), axis=1)],
+                    axis=1)
+
+
+def gate_rewards(class_logits, labels, actions, agent_channels: Sequence[int], keep_ratio: float = KEEP_RATIO,
+                 policy_penalty: float = POLICY_PENALTY) -> tf.Tensor:
+    """``[N, agents]`` rewards: r = -(keep_ratio - mean(agent's actions))^2, multiplied by
+    ``-policy_penalty`` (500 for the default -500) on a misclassified sample.
+
+    With a negative penalty the factor is positive, so a misclassified sample's reward
+    keeps its sign and is 500x as large (more negative): the issue's "opposite sign" is
+    not what the code does (models/dynamos_sgd.py, ``get_reward``:
+    ``rewards[preds_idx != labels] *= self.args.policy_penalty * -1.0``). No gradient.
+    """
+    actions = tf.cast(actions, tf.float32)
+    kept = tf.stack([tf.reduce_mean(part, axis=1) for part in tf.split(actions, list(agent_channels), axis=1)],
+                    axis=1)
+    rewards = -tf.square(keep_ratio - kept)
+    wrong = tf.logical_not(correct_predictions(class_logits, labels))
+    factor = tf.where(wrong, tf.constant(-float(policy_penalty), tf.float32), tf.constant(1.0, tf.float32))
+    return tf.stop_gradient(rewards * factor[:, None])
+
+
+def policy_loss(class_logits, labels, actions, policy_logits, agent_channels: Sequence[int],
+                keep_ratio: float = KEEP_RATIO, policy_penalty: float = POLICY_PENALTY,
+                temperature: float = TEMPERATURE) -> tf.Tensor:
+    """REINFORCE loss per sample, ``[N]``: the mean over agents of -log pi(actions) * r.
+
+    The mean over samples of these values is the reference's
+    ``(-log_probs * rewards).mean()`` over the ``[N, agents]`` matrix
+    (utils/policy_losses.py, ``filter_loss``); gradients reach the agents through
+    log pi only (actions and rewards are constants).
+    """
+    rewards = gate_rewards(class_logits, labels, actions, agent_channels, keep_ratio, policy_penalty)
+    log_pi = agent_log_probs(policy_logits, actions, agent_channels, temperature)
+    return tf.reduce_mean(-log_pi * rewards, axis=1)
+
+
+# ---------------------------------------------------------------- prototype loss
+
+def prototype_loss(policy_logits, labels, mask) -> tf.Tensor:
+    """(1 + S_same / D) / (1 + S_diff / D) over the samples where ``mask`` holds, or 0
+    when at most 2 samples are selected.
+
+    S_same (S_diff): the sum over pairs i < j of selected samples with equal (different)
+    labels of the squared distance ||z_i - z_j||^2 between their policy logits, D the
+    logits' width. The trainer passes ``mask = correct_predictions(...)``. Follows
+    models/dynamos_sgd.py, ``get_prototype_loss`` (applied when ``correct_locs.sum() >
+    2``, models/dynamos.py); distances are computed as differences, not through
+    ||a||^2 + ||b||^2 - 2ab (which can round below 0).
+    """
+    z = tf.cast(policy_logits, tf.float32)
+    width = tf.cast(tf.shape(z)[1], tf.float32)
+    selected = tf.cast(mask, tf.float32)
+    distances = tf.reduce_sum(tf.square(z[:, None, :] - z[None, :, :]), axis=-1)
+    n = tf.shape(z)[0]
+    upper = tf.linalg.band_part(tf.ones([n, n], tf.float32), 0, -1) - tf.eye(n, dtype=tf.float32)
+    pairs = upper * selected[:, None] * selected[None, :]
+    labels = tf.reshape(labels, [-1])
+    same = tf.cast(tf.equal(labels[:, None], labels[None, :]), tf.float32)
+    s_same = tf.reduce_sum(distances * pairs * same) / width
+    s_diff = tf.reduce_sum(distances * pairs * (1.0 - same)) / width
+    loss = (1.0 + s_same) / (1.0 + s_diff)
+    return tf.where(tf.reduce_sum(selected) > 2.0, loss, tf.zeros_like(loss))
+
+
+# ------------------------------------------------------------------ replay losses
+
+def logit_replay_mse(outputs, stored, widths=None) -> tf.Tensor:
+    """Per-sample mean squared difference, ``[N]``, over each sample's first ``widths[i]``
+    entries (all entries when ``widths`` is None).
+
+    The reference's ``F.mse_loss(buf_outputs, buf_logits)`` (models/dynamos.py) averages
+    over a head that has every class from the start. Our head grows, so a sample stored
+    while it had k classes is compared on those k logits (its stored row is padded with
+    zeros beyond them, ``ReservoirBuffer``); with equal widths the mean of these values
+    is the reference's. Also used for the policy logits (fixed width).
+    """
+    outputs = tf.cast(outputs, tf.float32)
+    stored = tf.cast(stored, tf.float32)
+    k = tf.shape(outputs)[1]
+    stored = stored[:, :k]
+    if widths is None:
+        return tf.reduce_mean(tf.square(outputs - stored), axis=1)
+    widths = tf.cast(tf.reshape(widths, [-1]), tf.int32)
+    valid = tf.cast(tf.range(k)[None, :] < widths[:, None], tf.float32)
+    return tf.reduce_sum(tf.square(outputs - stored) * valid, axis=1) / tf.cast(widths, tf.float32)
+
+
+# ------------------------------------------------------------------ randomness
+
+def keyed_rng(*keys: int) -> np.random.Generator:
+    """A numpy Generator determined by non-negative integer keys, e.g.
+    ``keyed_rng(seed, task, epoch, step, STREAM_BUFFER_ADD)``: a resumed run draws the
+    same numbers without checkpointing a generator state."""
+    return np.random.default_rng(np.random.SeedSequence([int(k) for k in keys]))
+
+
+def stateless_seed(*keys: int) -> np.ndarray:
+    """A shape-[2] int64 seed for ``tf.random.stateless_*`` from the same keys."""
+    return np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32).astype(np.int64)
+
+
+# ----------------------------------------------------------------------- buffer
+
+def reservoir_slots(seen: int, count: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Slots for the next ``count`` stream items when ``seen`` came before: Algorithm R.
+
+    Item number s (0-based, s = seen, seen + 1, ...) takes slot s while s < size;
+    afterwards j ~ U{0..s} and it takes slot j if j < size, else none (-1), so every
+    item of the stream is in the reservoir with probability size / (items so far).
+    Follows utils/buffer.py, ``reservoir`` (``np.random.randint(0, seen + 1)``); the
+    draws come from ``rng``, one per item past the filling phase, in stream order.
+    """
+    stream = seen + np.arange(count, dtype=np.int64)
+    slots = stream.copy()
+    late = stream >= size
+    if late.any():
+        draws = rng.integers(0, stream[late] + 1)
+        slots[late] = np.where(draws < size, draws, -1)
+    return slots
+
+
+class ReservoirBuffer:
+    """Reservoir buffer of correctly classified samples (Dynamos's rehearsal memory).
+
+    For each incoming sample the seen count advances and ``reservoir_slots`` draws its
+    slot; the sample is written there only if ``argmax(logits) == label`` at that
+    moment (``add_if_correct``). A slot holds the unaugmented input, the label, the
+    logits (padded with zeros to the widest seen; ``logit_widths`` keeps each row's
+    width) and the policy logits. Follows utils/buffer.py, ``Buffer`` with
+    ``policy=True, add_if_correct=True`` (models/dynamos.py). Departure: the reference
+    samples replay batches from the first ``min(seen, size)`` slots, including slots
+    whose filling-phase sample was misclassified and which still hold zeros (an
+    all-zero image with label 0); here ``filled`` marks written slots and only those
+    are sampled.
+
+    Arrays are created at the first ``add`` (shape and dtype of its inputs). ``state()``
+    returns (JSON-able dict, arrays) and ``from_state`` rebuilds the exact buffer.
+
+    Example:
+        >>> buffer = ReservoirBuffer(500)
+        >>> buffer.add(x, y, logits, policy_logits, keyed_rng(seed, task, epoch, step, STREAM_BUFFER_ADD))
+        >>> batch = buffer.sample(10, keyed_rng(seed, task, epoch, step, STREAM_BUFFER_SAMPLE))
+    """
+
+    FORMAT = 1
+
+    def __init__(self, size: int):
+        self.size = int(size)
+        if self.size < 1:
+            raise ValueError(f"buffer size must be >= 1, got {size}")
+        self.seen = 0
+        self.filled = np.zeros(self.size, bool)
+        self.examples = None
+        self.labels = None
+        self.logits = None
+        self.logit_widths = None
+        self.policy_logits = None
+
+    def __len__(self) -> int:
+        return int(self.filled.sum())
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.examples, self.labels, self.logits, self.logit_widths, self.policy_logits, self.filled)
+        return int(sum(a.nbytes for a in arrays if a is not None))
+
+    def _init_arrays(self, examples: np.ndarray, policy_logits: np.ndarray) -> None:
+        self.examples = np.zeros((self.size,) + examples.shape[1:], examples.dtype)
+        self.labels = np.zeros(self.size, np.int64)
+        self.logits = np.zeros((self.size, 0), np.float32)
+        self.logit_widths = np.zeros(self.size, np.int64)
+        self.policy_logits = np.zeros((self.size,) + policy_logits.shape[1:], np.float32)
+
+    def add(self, examples, labels, logits, policy_logits, rng: np.random.Generator) -> np.ndarray:
+        """Offer a batch in stream order; returns the slot written per sample (-1: none)."""
+        examples = np.asarray(examples)
+        labels = np.asarray(labels).reshape(-1).astype(np.int64)
+        logits = np.asarray(logits, np.float32)
+        policy_logits = np.asarray(policy_logits, np.float32)
+        n = examples.shape[0]
+        if not (labels.shape[0] == logits.shape[0] == policy_logits.shape[0] == n) or logits.ndim != 2:
+            raise ValueError("add: examples, labels, logits [N, classes] and policy_logits need the same N")
+        if self.examples is None:
+            self._init_arrays(examples, policy_logits)
+        if examples.shape[1:] != self.examples.shape[1:] or policy_logits.shape[1:] != self.policy_logits.shape[1:]:
+            raise ValueError(f"add: samples of shape {examples.shape[1:]} / policy logits {policy_logits.shape[1:]} "
+                             f"do not match the buffer's {self.examples.shape[1:]} / {self.policy_logits.shape[1:]}")
+        if logits.shape[1] > self.logits.shape[1]:  # the head grew: pad every stored row with zeros
+            self.logits = np.pad(self.logits, [(0, 0), (0, logits.shape[1] - self.logits.shape[1])])
+        slots = reservoir_slots(self.seen, n, self.size, rng)
+        self.seen += n
+        correct = np.argmax(logits, axis=1) == labels
+        written = np.where(correct, slots, -1)
+        for i in np.flatnonzero(written >= 0):  # in stream order: a later item wins a slot
+            slot = written[i]
+            self.examples[slot] = examples[i]
+            self.labels[slot] = labels[i]
+            self.logits[slot] = 0.0
+            self.logits[slot, : logits.shape[1]] = logits[i]
+            self.logit_widths[slot] = logits.shape[1]
+            self.policy_logits[slot] = policy_logits[i]
+            self.filled[slot] = True
+        return written
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """``min(batch_size, len(self))`` distinct filled slots drawn uniformly: dict of
+        ``examples, labels, logits, logit_widths, policy_logits, slots`` (empty arrays
+        when the buffer is empty; the reference's ``get_data`` without replacement)."""
+        if self.examples is None:
+            raise ValueError("sample: the buffer has never been offered a sample")
+        candidates = np.flatnonzero(self.filled)
+        take = min(int(batch_size), candidates.size)
+        slots = rng.choice(candidates, size=take, replace=False) if take else np.zeros(0, np.int64)
+        return {
+            "examples": self.examples[slots],
+            "labels": self.labels[slots],
+            "logits": self.logits[slots],
+            "logit_widths": self.logit_widths[slots],
+            "policy_logits": self.policy_logits[slots],
+            "slots": slots.astype(np.int64),
+        }
+
+    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """(JSON-able metadata, arrays) for a checkpoint; ``from_state`` inverts it."""
+        meta = {"format": self.FORMAT, "size": self.size, "seen": self.seen,
+                "initialised": self.examples is not None}
+        arrays = {"filled": self.filled.copy()}
+        if self.examples is not None:
+            arrays.update(examples=self.examples.copy(), labels=self.labels.copy(), logits=self.logits.copy(),
+                          logit_widths=self.logit_widths.copy(), policy_logits=self.policy_logits.copy())
+        return meta, arrays
+
+    @classmethod
+    def from_state(cls, meta: dict, arrays: dict[str, np.ndarray]) -> "ReservoirBuffer":
+        if meta.get("format") != cls.FORMAT:
+            raise ValueError(f"buffer state format {meta.get('format')!r} is not {cls.FORMAT}")
+        buffer = cls(meta["size"])
+        buffer.seen = int(meta["seen"])
+        filled = np.asarray(arrays["filled"], bool)
+        if filled.shape != (buffer.size,):
+            raise ValueError(f"buffer state: 'filled' has shape {filled.shape}, expected ({buffer.size},)")
+        buffer.filled = filled.copy()
+        if meta["initialised"]:
+            for name in ("examples", "labels", "logits", "logit_widths", "policy_logits"):
+                value = np.asarray(arrays[name]).copy()
+                if value.shape[0] != buffer.size:
+                    raise ValueError(f"buffer state: {name!r} has {value.shape[0]} rows, expected {buffer.size}")
+                setattr(buffer, name, value)
+        return buffer
