@@ -170,7 +170,8 @@ def main(argv):
 
         runtime.prefer_onednn()  # before TensorFlow loads; TF_ENABLE_ONEDNN_OPTS=0 opts out
         verbose = FLAGS.verbosity >= 1  # absl's --verbosity: 1 (debug) shows TensorFlow's own lines
-        runtime.import_tensorflow(verbose=verbose)
+        # multi_worker: the engine's first act is to create the strategy, before any device exists.
+        runtime.import_tensorflow(verbose=verbose, discover_devices=config.distribution != "multi_worker")
         if not verbose:
             logging.get_absl_handler().setFormatter(ConsoleFormatter())
             logging.get_absl_handler().addFilter(only_own_info)

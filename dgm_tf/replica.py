@@ -11,6 +11,12 @@ no op and change no number, so a method never asks which strategy runs it.
 * a batch-free term (a regulariser, a penalty on the weights): ``term / replicas()``,
   so the replicas' sum adds it once;
 * a value for the logs: ``replica_sum`` of the replicas' shares, the global figure.
+
+The engine's loop (``dgm_tf.fit_loop``) hands every replica the *whole* global batch;
+a trainer takes its rows with ``local_share`` and draws its random numbers with
+``shared_draw``, so N replicas see exactly one device's batch and draws (DGM's replay
+chunks mix real and replayed rows of the global batch, which a split by the input
+pipeline could not give each replica).
 """
 
 from __future__ import annotations
@@ -70,3 +76,50 @@ def per_replica(fn, *args):
     strategy = tf.distribute.get_strategy()
     out = strategy.run(fn, args)
     return tf.nest.map_structure(lambda v: strategy.experimental_local_results(v)[0], out)
+
+
+def replica_index() -> tuple[int | tf.Tensor, int]:
+    """``(index, count)`` of this replica in the whole job (all workers); ``(0, 1)``
+    without a strategy."""
+    context = tf.distribute.get_replica_context()
+    if context is None:  # cross-replica context: the caller acts for every replica
+        return 0, 1
+    return context.replica_id_in_sync_group, context.num_replicas_in_sync
+
+
+def local_share(values):
+    """This replica's rows of every tensor of ``values`` (a nest; batch on axis 0):
+    rows ``[r B / N, (r + 1) B / N)`` of a batch of B, so the N shares partition it in
+    order (a share may be empty when B < N). The values themselves, with no op added,
+    on one replica."""
+    index, count = replica_index()
+    if count == 1:
+        return values
+
+    def share(x):
+        b = tf.shape(x)[0]
+        return x[(index * b) // count : ((index + 1) * b) // count]
+
+    return tf.nest.map_structure(share, values)
+
+
+def shared_draw(fn):
+    """``fn()`` (random draws from a ``tf.random.Generator`` made in the strategy's
+    scope) run once for all replicas, every replica receiving the same values: the
+    values one device draws, in the same order. Under a strategy a generator called in
+    replica context gives each replica a stream of its own instead."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return fn()
+    return context.merge_call(lambda strategy: fn())
+
+
+def update_weighted_mean(metric, values: tf.Tensor, weights: tf.Tensor) -> None:
+    """``metric.update_state(values, sample_weight=weights)`` over the global batch:
+    on several replicas the weighted sum and the weight are summed over them first, so
+    the metric holds the global batch's weighted mean (the same on every replica)."""
+    if replicas() == 1:
+        metric.update_state(values, sample_weight=weights)
+        return
+    total, weight = replica_sum((tf.reduce_sum(values * weights), tf.reduce_sum(weights)))
+    metric.update_state(tf.math.divide_no_nan(total, weight), sample_weight=weight)

@@ -76,7 +76,7 @@ def filter_startup_log(text: str) -> str:
     return "".join(kept)
 
 
-def import_tensorflow(verbose: bool = False) -> None:
+def import_tensorflow(verbose: bool = False, discover_devices: bool = True) -> None:
     """Import TensorFlow and find its devices, showing only what a user needs to see.
 
     TensorFlow prints a dozen internal lines at start-up whatever ``TF_CPP_MIN_LOG_LEVEL``
@@ -87,11 +87,16 @@ def import_tensorflow(verbose: bool = False) -> None:
     while TensorFlow loads and initialises its devices and replayed through
     ``filter_startup_log``, and the ``tensorflow`` Python logger shows WARNING and above.
     An entry point calls this before anything else imports TensorFlow.
+
+    ``discover_devices=False`` only imports TensorFlow: a process that will run
+    ``MultiWorkerMirroredStrategy`` must create it before its devices are initialised
+    (TensorFlow configures the collectives at program start-up).
     """
     if verbose or "TF_CPP_MIN_LOG_LEVEL" in os.environ or "tensorflow" in sys.modules:
         import tensorflow as tf
 
-        tf.config.list_logical_devices()
+        if discover_devices:
+            tf.config.list_logical_devices()
         return
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
     sys.stderr.flush()
@@ -102,7 +107,8 @@ def import_tensorflow(verbose: bool = False) -> None:
         try:
             import tensorflow as tf
 
-            tf.config.list_logical_devices()  # device discovery logs the cuInit error
+            if discover_devices:
+                tf.config.list_logical_devices()  # device discovery logs the cuInit error
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)

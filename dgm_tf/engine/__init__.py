@@ -8,7 +8,7 @@ turns flags into a ``Config`` and calls it. Everything a run writes goes under
 The files, each importing only those above it:
 
 - ``distribute.py``: the one place that knows the ``--distribution`` strategy
-  (``check_distribution``, ``strategy_scope``, ``replicas_in_sync``); the methods write
+  (``make_strategy``, ``is_chief``, ``replicas_in_sync``); the methods write
   their losses as per-replica shares (``dgm_tf.replica``) and never ask.
 - ``timing.py``: time accounting, results.json ``time_breakdown_s`` (``Stopwatch``,
   ``StepTimer``, ``TimedCallback``).

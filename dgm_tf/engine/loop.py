@@ -10,18 +10,24 @@ and writes results.json and the checkpoints.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pathlib
+import shutil
+import tempfile
 import time
 
 import keras
+import numpy as np
 from absl import logging
 
 from dgm_tf import export, io_utils, monitoring
 from dgm_tf.checkpoint import CheckpointManager
 from dgm_tf.config import Config, ConfigError
 from dgm_tf.data import Scenario, load_dataset, make_scenario, resolve_class_order, scenario_fingerprint
-from dgm_tf.engine.distribute import check_distribution, strategy_scope
+from dgm_tf.engine.distribute import (
+    cluster_errors, is_chief, make_strategy, worker_name,
+)
 from dgm_tf.engine.callbacks import EpochCheckpoint, NonFiniteGuard, ProgressLogger, TrainingError, ValidationSelection
 from dgm_tf.engine.evaluation import (
     REPLAY_EVAL_PER_CLASS, _results, evaluate, format_summary, replay_accuracy, write_sample_grid,
@@ -30,7 +36,7 @@ from dgm_tf.engine.resume import _rows_before_restore_best, check_resume, resume
 from dgm_tf.engine.timing import StepTimer, Stopwatch, TimedCallback
 from dgm_tf.methods import make_method
 from dgm_tf.methods.base import ContinualMethod
-from dgm_tf.workdir import check_fresh, lock_workdir
+from dgm_tf.workdir import WorkdirError, check_fresh, lock_workdir
 
 
 def build_scenario(config: Config) -> Scenario:
@@ -79,14 +85,27 @@ def run_experiment(config: Config, workdir: str | os.PathLike, resume: bool = Fa
     With ``resume``, continue the run in ``workdir`` from its newest checkpoint (the
     flags and the data must be those of the run); the results and final weights equal
     an uninterrupted run's. The workdir is locked for the whole run
-    (``dgm_tf.workdir``): a second process is refused at once.
+    (``dgm_tf.workdir``): a second process is refused at once. Under
+    ``--distribution=multi_worker`` only the chief writes ``workdir``; the other
+    workers train alike into temporary directories of their own (``run_worker``).
 
     Raises ConfigError, DataError or WorkdirError for user errors, before anything is
     written when possible (CheckpointError when no checkpoint can be resumed from);
     TrainingError when training cannot go on.
     """
     path = pathlib.Path(workdir)
-    check_distribution(config)  # one this build cannot run is refused before anything else
+    # multi_worker: before TensorFlow runs any op of this process, and before the
+    # workdir checks, so that a chief that refuses its workdir stops the whole cluster
+    # (the others wait for it at start-up, and learn at their first step that it left).
+    strategy = make_strategy(config)  # refuses a TF_CONFIG that cannot start
+    with _cluster_errors_reported(config):
+        if not is_chief(strategy):
+            return run_worker(config, strategy, path, resume)
+        return _run_in_workdir(config, strategy, path, resume)
+
+
+def _run_in_workdir(config: Config, strategy, path: pathlib.Path, resume: bool) -> dict:
+    """The run in ``path``: lock it, read the data, write the flags, train."""
     with contextlib.ExitStack() as stack:
         if resume:
             check_resume(path, config)  # a mismatch is reported before any data is read
@@ -103,8 +122,71 @@ def run_experiment(config: Config, workdir: str | os.PathLike, resume: bool = Fa
                 + "\n",
             )
         # Every network, optimizer and trainer is created in the strategy's scope.
-        stack.enter_context(strategy_scope(config))
-        return _run_experiment(config, scenario, path, resume)
+        if strategy is not None:
+            stack.enter_context(strategy.scope())
+        results = _run_experiment(config, scenario, path, resume)
+        if config.distribution == "multi_worker":
+            # Every worker logs it: equal lines show the workers stayed in step.
+            logging.info("final weights sha256 %s (%s)", weights_digest(path), worker_name(strategy))
+        return results
+
+
+def run_worker(config: Config, strategy, path: pathlib.Path, resume: bool) -> dict:
+    """A non-chief worker of a ``multi_worker`` cluster: the same run, into a temporary
+    directory of its own that is removed when it stops (``path`` is the chief's, only
+    read: to resume, this worker starts from a copy of the chief's run)."""
+    if resume and not path.is_dir():
+        raise WorkdirError(
+            f"--workdir={path}: not found on this worker; to --resume, every worker of a multi_worker cluster "
+            "reads the chief's run directory, which must be on a file system they share"
+        )
+    own = pathlib.Path(tempfile.mkdtemp(prefix="dgm_tf_worker_"))
+    try:
+        if resume:
+            check_resume(path, config)
+            for name in ("flags.txt", "results.json"):
+                if (path / name).is_file():
+                    shutil.copy2(path / name, own / name)
+            if (path / "ckpt").is_dir():
+                shutil.copytree(path / "ckpt", own / "ckpt")
+        logging.info("%s of the cluster: the chief writes %s; this worker's files go to %s (removed at the end)",
+                     worker_name(strategy), path, own)
+        if not resume:
+            own.rmdir()  # a fresh run creates its directory itself
+        return _run_in_workdir(config, strategy, own, resume)
+    finally:
+        shutil.rmtree(own, ignore_errors=True)
+
+
+def weights_digest(path: pathlib.Path) -> str:
+    """sha256 of the arrays of the run's newest checkpoint (names and bytes, in name
+    order): equal on every worker of a cluster that stayed in step."""
+    latest = CheckpointManager(path / "ckpt").newest()
+    digest = hashlib.sha256()
+    for name in sorted(latest.arrays):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(latest.arrays[name]).tobytes())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _cluster_errors_reported(config: Config):
+    """A collective that fails because another worker stopped (or cannot be reached)
+    ends this one with one line; what it wrote is kept."""
+    if config.distribution != "multi_worker":
+        yield
+        return
+    try:
+        yield
+    except cluster_errors() as e:
+        # TensorFlow's message starts "Graph execution error:"; the cause is further down.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        cause = next((line for line in lines if "unhealthy" in line or "abort" in line.lower()),
+                     lines[0] if lines else "")
+        raise TrainingError(
+            f"another worker of the cluster stopped or cannot be reached ({type(e).__name__}: {cause[:160]}); "
+            "the chief's checkpoints are kept: start every worker again with --resume"
+        ) from None
 
 
 def _run_experiment(config: Config, scenario: Scenario, path: pathlib.Path, resume: bool) -> dict:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+
 import keras
 from keras import ops
 
 from dgm_tf.replica import replicas
+
+_CALL = threading.local()
 
 
 @keras.saving.register_keras_serializable(package="dgm_tf")
@@ -21,7 +25,21 @@ class ReplicaBatchNormalization(keras.layers.BatchNormalization):
     trace time from the replica context, so one device runs the unchanged op.
     """
 
+    def call(self, inputs, training=None, mask=None, whole_batch=False):
+        """``whole_batch``: every replica holds the whole global batch (not a share of
+        it), so its own moments are the global batch's. DGM's gradient penalty runs
+        this way: TensorFlow's second-order gradient through the all-reduced moments is
+        wrong (measured: critic gradients off by 2-10 %, WORKSPACE.md)."""
+        # MirroredStrategy traces the replicas in parallel threads: the flag is the
+        # calling thread's, for the length of this call (set at trace time).
+        before = getattr(_CALL, "whole_batch", False)
+        _CALL.whole_batch = bool(whole_batch)
+        try:
+            return super().call(inputs, training=training, mask=mask)
+        finally:
+            _CALL.whole_batch = before
+
     def _moments(self, inputs, mask):
-        if mask is None and not self.synchronized and replicas() > 1:
+        if mask is None and not self.synchronized and not getattr(_CALL, "whole_batch", False) and replicas() > 1:
             return ops.moments(inputs, axes=self._reduction_axes, synchronized=True)
         return super()._moments(inputs, mask)

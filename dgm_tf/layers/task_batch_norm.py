@@ -7,6 +7,8 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
+from dgm_tf.replica import replica_sum, replicas
+
 
 @keras.saving.register_keras_serializable(package="dgm_tf")
 class TaskBatchNormalization(keras.layers.Layer):
@@ -79,8 +81,15 @@ class TaskBatchNormalization(keras.layers.Layer):
         gamma, beta = self.gammas[task], self.betas[task]
         inputs = tf.cast(inputs, tf.float32)
         if training:
-            mean, variance = tf.nn.moments(inputs, axes=[0, 1, 2])
-            count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:3]), variance.dtype)
+            count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:3]), tf.float32)
+            if replicas() > 1:
+                # The global batch's moments (each replica holds a share of it), so N
+                # replicas normalise and update the moving statistics as one device;
+                # chosen at trace time, one device keeps the plain op.
+                mean, variance = keras.ops.moments(inputs, axes=[0, 1, 2], synchronized=True)
+                count = replica_sum(count)
+            else:
+                mean, variance = tf.nn.moments(inputs, axes=[0, 1, 2])
             unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
             m = self.momentum
             self.moving_means[task].assign(self.moving_means[task] * m + mean * (1.0 - m))

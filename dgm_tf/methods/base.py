@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from dgm_tf.config import Config
 from dgm_tf.data import Scenario, TaskData
+from dgm_tf.fit_loop import fit_epochs  # noqa: F401 (the trainers' loop; re-exported for the methods)
 
 
 class ContinualMethod(abc.ABC):
@@ -139,19 +140,3 @@ def epoch_pipeline(dataset: tf.data.Dataset) -> tf.data.Dataset:
     options = tf.data.Options()
     options.autotune.enabled = False
     return dataset.prefetch(_PREFETCH_BATCHES).with_options(options)
-
-
-def fit_epochs(trainer: keras.Model, dataset_for_epoch: Callable[[int], object], initial_epoch: int,
-               epochs: int, callbacks: Sequence[keras.callbacks.Callback]) -> None:
-    """Epochs ``initial_epoch`` .. ``epochs``-1, one ``fit`` call per epoch on that
-    epoch's dataset (the traced step is reused). The data order is the dataset's, keyed
-    by epoch, so a run resumed at any epoch reads what an uninterrupted one reads."""
-    for epoch in range(initial_epoch, epochs):
-        trainer.fit(
-            dataset_for_epoch(epoch),
-            epochs=epoch + 1,
-            initial_epoch=epoch,
-            verbose=0,
-            shuffle=False,
-            callbacks=list(callbacks),
-        )

@@ -34,7 +34,7 @@ from dgm_tf.data import Scenario, TaskData
 from dgm_tf.methods.base import ContinualMethod, assign_weights, copy_weights, epoch_pipeline, fit_epochs
 from dgm_tf.methods.dgm import task_seed
 from dgm_tf.models.classifier import build_classifier, classifier_variables, network_logits
-from dgm_tf.replica import batch_free, global_count, global_mean, replica_sum
+from dgm_tf.replica import batch_free, global_count, global_mean, local_share, replica_sum, update_weighted_mean
 
 _DATA_STREAM = 13  # keys the comparison methods' per-epoch data order apart from other seeded streams
 
@@ -80,7 +80,8 @@ class ClassifierTaskTrainer(keras.Model):
         self.optimizer.build(self.c_variables)
 
     def train_step(self, data):
-        x, y, is_replay = data["x"], data["y"], data["is_replay"]
+        # The loop hands every replica the global batch; this replica trains on its rows.
+        x, y, is_replay = local_share((data["x"], data["y"], data["is_replay"]))
         # Written as this replica's share (dgm_tf.replica): on N replicas the summed
         # gradients are one device's; on one device these are the plain means.
         n = global_count(y)
@@ -101,10 +102,10 @@ class ClassifierTaskTrainer(keras.Model):
             self.trackers[name].update_state(value)
         if self.split_replay:
             real = 1.0 - is_replay
-            self.trackers["c_loss_real"].update_state(per_sample, sample_weight=real)
-            self.trackers["c_acc_real"].update_state(hits, sample_weight=real)
-            self.trackers["c_loss_replay"].update_state(per_sample, sample_weight=is_replay)
-            self.trackers["c_acc_replay"].update_state(hits, sample_weight=is_replay)
+            update_weighted_mean(self.trackers["c_loss_real"], per_sample, real)
+            update_weighted_mean(self.trackers["c_acc_real"], hits, real)
+            update_weighted_mean(self.trackers["c_loss_replay"], per_sample, is_replay)
+            update_weighted_mean(self.trackers["c_acc_replay"], hits, is_replay)
         logs = {name: t.result() for name, t in self.trackers.items()}
         # This iteration's own values; the trackers hold the epoch's running means.
         logs.update({f"{name}_step": tf.identity(value) for name, value in step.items()})

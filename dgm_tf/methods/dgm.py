@@ -33,6 +33,9 @@ from dgm_tf.config import Config
 from dgm_tf.data import Scenario, TaskData
 from dgm_tf.methods.base import ContinualMethod, assign_weights, copy_weights, epoch_pipeline, fit_epochs
 from dgm_tf.models import Discriminator, Generator, activation_growth_channels, growth_channels
+from dgm_tf.replica import (
+    batch_free, global_mean, local_share, replica_sum, replicas, shared_draw, update_weighted_mean,
+)
 
 # Numerical floor inside the square root of the gradient-penalty norm: keeps the
 # gradient of ||g|| finite where g == 0 (PyTorch's norm backward returns 0 there).
@@ -225,17 +228,19 @@ class DGMTaskTrainer(keras.Model):
 
     # -- the three updates --------------------------------------------------------------
 
-    def classifier_update(self, images, labels, is_replay=None):
-        """One cross-entropy step of the auxiliary head on one chunk.
+    def classifier_update(self, images, labels, is_replay=None, count=None):
+        """One cross-entropy step of the auxiliary head on one chunk (this replica's
+        rows of it; ``count``: rows in the whole chunk, all replicas together).
 
         ``is_replay`` (1.0 for generated samples) only splits the reported loss and
-        accuracy into real and replayed data; the update is the same.
+        accuracy into real and replayed data; the update is the same. Returns the
+        chunk's loss and accuracy (global).
         """
         variables = self.discriminator.trainable_variables
         with tf.GradientTape() as tape:
             _, logits = self.discriminator(images, training=True)
             per_sample = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-            loss = tf.reduce_mean(per_sample)
+            loss = global_mean(per_sample, count)  # this replica's share (dgm_tf.replica)
         grads = tape.gradient(loss, variables)
         # The reference (PyTorch 1.0) steps Adam on every discriminator parameter after
         # zero_grad(), so heads a loss does not reach still move with their momentum.
@@ -244,56 +249,87 @@ class DGMTaskTrainer(keras.Model):
         hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels), tf.float32)
         if is_replay is not None:
             real = 1.0 - is_replay
-            self.trackers["c_loss_real"].update_state(per_sample, sample_weight=real)
-            self.trackers["c_acc_real"].update_state(hits, sample_weight=real)
-            self.trackers["c_loss_replay"].update_state(per_sample, sample_weight=is_replay)
-            self.trackers["c_acc_replay"].update_state(hits, sample_weight=is_replay)
-        return loss, tf.reduce_mean(hits)
+            update_weighted_mean(self.trackers["c_loss_real"], per_sample, real)
+            update_weighted_mean(self.trackers["c_acc_real"], hits, real)
+            update_weighted_mean(self.trackers["c_loss_replay"], per_sample, is_replay)
+            update_weighted_mean(self.trackers["c_acc_replay"], hits, is_replay)
+        return replica_sum((loss, global_mean(hits, count)))
 
-    def gradient_penalty(self, real, fake):
+    def gradient_penalty(self, real, fake, alpha=None, whole_batch=False):
         """lambda_gp * mean((||grad_x D(x_hat)|| - 1)^2), x_hat = a*real + (1-a)*fake,
-        a ~ U(0, 1) per sample (Gulrajani et al., NeurIPS 2017)."""
-        alpha = self.rng.uniform([tf.shape(real)[0], 1, 1, 1], dtype=real.dtype)
+        a ~ U(0, 1) per sample (Gulrajani et al., NeurIPS 2017); ``alpha`` is drawn
+        here when not given. ``whole_batch``: the arguments are the global batch (on
+        every replica) and the plain mean is returned."""
+        if alpha is None:
+            alpha = self.rng.uniform([tf.shape(real)[0], 1, 1, 1], dtype=real.dtype)
         x_hat = alpha * real + (1.0 - alpha) * fake
         with tf.GradientTape() as tape:
             tape.watch(x_hat)
-            critic, _ = self.discriminator(x_hat, training=True)
+            critic, _ = self.discriminator(x_hat, training=True, whole_batch=whole_batch)
         grad = tape.gradient(critic, x_hat)
         norm = tf.sqrt(tf.reduce_sum(tf.square(grad), axis=[1, 2, 3]) + _GP_NORM_EPS)
         return self.lambda_gp * tf.reduce_mean(tf.square(norm - 1.0))
 
     def critic_update(self, real, labels):
-        z = self.generator.noise(labels, self.rng)
+        """The WGAN-GP critic step on the global batch ``real``/``labels`` (this
+        replica's rows of it); returns the global loss, penalty and Wasserstein estimate."""
+        count = tf.cast(tf.shape(labels)[0], tf.float32)
+        # Drawn once for the global batch, in one device's order (noise, then alpha).
+        z = shared_draw(lambda: self.generator.noise(labels, self.rng))
+        alpha = shared_draw(lambda: self.rng.uniform([tf.shape(real)[0], 1, 1, 1], dtype=real.dtype))
+        whole_real, whole_alpha = real, alpha
+        real, labels, z, alpha = local_share((real, labels, z, alpha))
         fake = self.generator(z, labels, task=self.task, s=self.s, training=True)
+        n = replicas()
+        if n > 1:
+            # The penalty's second-order gradient through all-reduced BN moments is
+            # wrong in TensorFlow (ReplicaBatchNormalization): every replica computes
+            # it on the whole batch with its own (hence global) moments, as one device,
+            # and adds 1/N of it. Only the Wasserstein terms are split.
+            whole_fake = tf.distribute.get_replica_context().all_gather(fake, axis=0)
         variables = self.discriminator.trainable_variables
         with tf.GradientTape() as tape:
             d_real, _ = self.discriminator(real, training=True)
             d_fake, _ = self.discriminator(fake, training=True)
-            gp = self.gradient_penalty(real, fake)
-            wasserstein = tf.reduce_mean(d_real) - tf.reduce_mean(d_fake)
+            if n > 1:
+                gp = batch_free(self.gradient_penalty(whole_real, whole_fake, whole_alpha, whole_batch=True))
+            else:
+                gp = self.gradient_penalty(real, fake, alpha)
+            wasserstein = global_mean(d_real, count) - global_mean(d_fake, count)
             loss = -wasserstein + gp
         grads = tape.gradient(loss, variables)
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
         self.d_optimizer.apply_gradients(zip(grads, variables))
-        return loss, gp, wasserstein
+        return replica_sum((loss, gp, wasserstein))
 
     def generator_update(self, labels):
-        z = self.generator.noise(labels, self.rng)
+        """The generator step for the global ``labels`` (this replica's rows of them);
+        returns the global loss and the mask regulariser."""
+        count = tf.cast(tf.shape(labels)[0], tf.float32)
+        z = shared_draw(lambda: self.generator.noise(labels, self.rng))
+        z, labels = local_share((z, labels))
         with tf.GradientTape() as tape:
             fake = self.generator(z, labels, task=self.task, s=self.s, training=True)
             d_fake, logits = self.discriminator(fake, training=True)
             reg = mask_regularizer(self.generator.masks(self.task, self.s), self.reserved)
-            loss = -tf.reduce_mean(d_fake) + self.lambda_mask * reg
+            loss = -global_mean(d_fake, count) + batch_free(self.lambda_mask * reg)
             if self.aux_g:
-                loss += tf.reduce_mean(
-                    keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+                loss += global_mean(
+                    keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True), count
                 )
         grads = tape.gradient(loss, self.g_variables)
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, self.g_variables)]
+        # Masking, HAT scaling and clipping act on the global gradient (clipping each
+        # replica's share would clip a different vector): summed over the replicas
+        # first, then divided by their number, since apply_gradients sums them again.
+        grads = replica_sum(grads)
         grads = self.constrain_generator_gradients(grads)
         grads, _ = tf.clip_by_global_norm(grads, self.clip_norm)
+        n = replicas()
+        if n > 1:
+            grads = [g / n for g in grads]
         self.g_optimizer.apply_gradients(zip(grads, self.g_variables))
-        return loss, reg
+        return replica_sum(loss), reg
 
     def constrain_generator_gradients(self, grads):
         """Zero gradients of reserved weights; HAT-compensate embedding gradients."""
@@ -308,9 +344,15 @@ class DGMTaskTrainer(keras.Model):
 
     def replay_classifier_updates(self, x, y, replay_x=(), replay_y=()):
         """The iteration's classifier phase: the real batch and the first ``len(x)``
-        images of each past task's replay batch, shuffled together, then one
+        images of each past task's replay set, shuffled together, then one
         ``classifier_update`` per batch-sized chunk (t+1 at task t), in order.
-        Returns the last chunk's loss and accuracy."""
+        Returns the last chunk's loss and accuracy.
+
+        The inputs are the global batch; the shuffle is drawn once for all replicas
+        and each replica trains on its rows of every chunk, so the chunks stay
+        sequential: each chunk's update, summed over the replicas, reads the weights
+        the previous chunk's wrote.
+        """
         b = tf.shape(x)[0]
         if replay_x:
             all_x = tf.concat([x] + [r[:b] for r in replay_x], axis=0)
@@ -318,20 +360,28 @@ class DGMTaskTrainer(keras.Model):
             all_r = tf.concat(
                 [tf.zeros([b])] + [tf.ones([tf.shape(r[:b])[0]]) for r in replay_x], axis=0
             )
-            order = tf.argsort(self.rng.uniform([tf.shape(all_x)[0]]))
+            order = tf.argsort(shared_draw(lambda: self.rng.uniform([tf.shape(all_x)[0]])))
             all_x, all_y, all_r = tf.gather(all_x, order), tf.gather(all_y, order), tf.gather(all_r, order)
         else:
             all_x, all_y, all_r = x, y, tf.zeros([b])
 
         def chunk_update(k, c_loss, c_acc):
             chunk = slice(k * b, (k + 1) * b)
-            c_loss, c_acc = self.classifier_update(all_x[chunk], all_y[chunk], all_r[chunk])
+            count = tf.cast(tf.shape(all_y[chunk])[0], tf.float32)
+            c_loss, c_acc = self.classifier_update(*local_share((all_x[chunk], all_y[chunk], all_r[chunk])), count)
             self.trackers["c_loss"].update_state(c_loss)
             self.trackers["c_acc"].update_state(c_acc)
             return k + 1, c_loss, c_acc
 
         if not replay_x:
             return chunk_update(0, None, None)[1:]
+        if replicas() > 1:
+            # apply_gradients sums over the replicas with a merge_call, which a
+            # tf.while_loop body cannot hold: unrolled (t+1 copies, traced per task).
+            c_loss = c_acc = None
+            for k in range(len(replay_x) + 1):
+                _, c_loss, c_acc = chunk_update(k, c_loss, c_acc)
+            return c_loss, c_acc
         # One traced body for the t+1 chunks instead of t+1 unrolled copies: tracing
         # stays as fast at task 9 as at task 1 (README, Performance). One iteration
         # at a time, so every chunk's update reads the weights the previous one wrote.

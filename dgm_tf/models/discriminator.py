@@ -29,11 +29,14 @@ class TorchDefaultBias(keras.initializers.Initializer):
         return {"fan_in": self.fan_in}
 
 
-def apply_trunk(layers, images, training=None):
-    """Run ``layers`` in order; BatchNormalization layers get the ``training`` flag."""
+def apply_trunk(layers, images, training=None, whole_batch=False):
+    """Run ``layers`` in order; BatchNormalization layers get the ``training`` flag (and
+    ``whole_batch``, see ``ReplicaBatchNormalization``)."""
     x = images
     for layer in layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
+        if isinstance(layer, ReplicaBatchNormalization):
+            x = layer(x, training=training, whole_batch=whole_batch)
+        elif isinstance(layer, keras.layers.BatchNormalization):
             x = layer(x, training=training)
         else:
             x = layer(x)
@@ -144,11 +147,13 @@ class Discriminator(keras.Model):
         self.class_head.build(shape)
         self.built = True
 
-    def features(self, images, training=None):
-        return self.flatten(apply_trunk(self.trunk, images, training))
+    def features(self, images, training=None, whole_batch=False):
+        return self.flatten(apply_trunk(self.trunk, images, training, whole_batch))
 
-    def call(self, images, training=None):
-        h = self.features(images, training=training)
+    def call(self, images, training=None, whole_batch=False):
+        """``(critic [N], class logits [N, classes])``; ``whole_batch``: the images are
+        the whole global batch on every replica (``ReplicaBatchNormalization``)."""
+        h = self.features(images, training=training, whole_batch=whole_batch)
         critic = tf.reshape(self.critic_head(h), [-1])
         return critic, self.class_head(h)
 
