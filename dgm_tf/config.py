@@ -12,9 +12,15 @@ import math
 import re
 from typing import Any
 
-# DGM's two mask kinds, then the comparison methods (DESIGN.md §5).
-METHODS = ("dgmw", "dgma", "finetune", "joint", "mas")
+# DGM's two mask kinds, then the comparison methods (DESIGN.md §5; NISPA: issue 20).
+METHODS = ("dgmw", "dgma", "finetune", "joint", "mas", "nispa")
 DGM_METHODS = ("dgmw", "dgma")
+# --nispa_network: "auto" picks the MLP for one-channel images and the ConvNet for
+# three (the reference's MLP for (E)MNIST/Fashion-MNIST, ConvNet for CIFAR).
+NISPA_NETWORKS = ("auto", "mlp", "conv")
+# --nispa_heads: "task" (the reference's NISPA: logits times the task's class mask),
+# "single" (its NISPA_Replay: one class-incremental head, with --replay_buffer).
+NISPA_HEADS = ("task", "single")
 # Classifier network of the comparison methods: "dgm" is DGM's discriminator trunk with a
 # growing class head (so numbers compare with DGM's); "cnn" a larger CNN.
 CLASSIFIERS = ("dgm", "cnn")
@@ -91,6 +97,19 @@ class Config:
     # Comparison methods (finetune, joint, mas).
     classifier: str = "dgm"  # see CLASSIFIERS; DGM's classifier is always its discriminator
     mas_lambda: float = 1.0  # MAS penalty weight (Aljundi et al., ECCV 2018)
+
+    # NISPA (Gurbuz & Dovrolis, ICML 2022; dgm_tf/methods/nispa.py). Defaults: the
+    # reference's task-incremental scripts (NISPA/EFMNIST_experiment.sh, CIFAR10_experiment.sh).
+    nispa_network: str = "auto"  # see NISPA_NETWORKS
+    nispa_heads: str = "task"  # see NISPA_HEADS
+    replay_buffer: int = 0  # nispa single head: stored training images (NISPA_Replay: 1000); 0 = none
+    nispa_density: float = 0.0  # share of each layer's connections; 0 = the reference's (0.2 MLP, 0.1 ConvNet)
+    nispa_hidden: int = 0  # MLP hidden units per layer / ConvNet dense units; 0 = the reference's (400 / 1024)
+    nispa_phase_epochs: int = 5  # epochs per phase (the reference's --phase_epochs)
+    nispa_lr: float = 0.0  # Adam's rate; 0 = the reference's (0.01 MLP, 0.002 ConvNet)
+    nispa_k: float = 30.0  # p schedule p = 0.5 (1 + cos(pi phase / k)) (--step_size_param)
+    nispa_a_f: float = 0.75  # stop when validation accuracy falls this many points below the best
+    nispa_min_phases: int = 2  # accuracy stops only after this many phases (reference: t > 2)
 
     def __post_init__(self):
         validate(self)
@@ -169,6 +188,12 @@ def validate(c: Config) -> None:
         f"{c.method} classifies with its discriminator; --classifier={c.classifier} applies to "
         "finetune, joint and mas only",
     )
+    _require(
+        c.method != "nispa" or c.classifier == "dgm",
+        "classifier",
+        f"nispa trains its own sparse network (--nispa_network); --classifier={c.classifier} applies to "
+        "finetune, joint and mas only",
+    )
     for f in dataclasses.fields(c):  # inf/nan would only surface as a NaN loss later
         value = getattr(c, f.name)
         if isinstance(value, float):
@@ -179,6 +204,7 @@ def validate(c: Config) -> None:
         f"unknown distribution {c.distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}",
     )
     _require(c.mas_lambda >= 0, "mas_lambda", f"must be >= 0, got {c.mas_lambda}")
+    _validate_nispa(c)
     _require(bool(c.dataset), "dataset", "must not be empty (e.g. embedded, idx:/path/to/dir)")
     _require(c.channels in (0, 1, 3), "channels", f"must be 0 (as stored), 1 or 3, got {c.channels}")
     _require(0.0 < c.test_fraction < 1.0, "test_fraction", f"must be in (0, 1), got {c.test_fraction}")
@@ -226,3 +252,44 @@ def validate(c: Config) -> None:
     for name in ("lambda_mask", "lambda_gp"):
         _require(getattr(c, name) >= 0, name, f"must be >= 0, got {getattr(c, name)}")
     _require(c.smax >= 1, "smax", f"must be >= 1 (masks are binarised at s = smax), got {c.smax}")
+
+
+def _validate_nispa(c: Config) -> None:
+    """The NISPA flags (checked whatever the method, so a flagfile's typo surfaces)."""
+    _require(
+        c.nispa_network in NISPA_NETWORKS,
+        "nispa_network",
+        f"unknown network {c.nispa_network!r}; choose one of {', '.join(NISPA_NETWORKS)}",
+    )
+    _require(
+        c.nispa_heads in NISPA_HEADS,
+        "nispa_heads",
+        f"unknown heads {c.nispa_heads!r}; choose one of {', '.join(NISPA_HEADS)}",
+    )
+    _require(c.replay_buffer >= 0, "replay_buffer", f"must be >= 0 (0 = none), got {c.replay_buffer}")
+    _require(
+        c.replay_buffer == 0 or (c.method == "nispa" and c.nispa_heads == "single"),
+        "replay_buffer",
+        f"applies to --method=nispa --nispa_heads=single (the reference's NISPA_Replay), not to "
+        f"--method={c.method} --nispa_heads={c.nispa_heads}",
+    )
+    _require(
+        c.nispa_density == 0.0 or 0.0 < c.nispa_density <= 1.0,
+        "nispa_density",
+        f"must be in (0, 1], or 0 for the reference's density, got {c.nispa_density}",
+    )
+    _require(
+        c.nispa_hidden >= 0, "nispa_hidden", f"must be >= 1, or 0 for the reference's widths, got {c.nispa_hidden}"
+    )
+    _require(c.nispa_phase_epochs >= 1, "nispa_phase_epochs", f"must be >= 1, got {c.nispa_phase_epochs}")
+    _require(c.nispa_lr >= 0, "nispa_lr", f"must be > 0, or 0 for the reference's rate, got {c.nispa_lr}")
+    # The first two phases always run (p(2) > 5 % needs k > 2.34; accuracy stops from
+    # phase 3 on), so the phase a stop reverts to has selected stable units of its task.
+    _require(c.nispa_k >= 3, "nispa_k", f"must be >= 3 (so that phases 1 and 2 always run), got {c.nispa_k}")
+    _require(c.nispa_a_f >= 0, "nispa_a_f", f"must be >= 0 (accuracy points), got {c.nispa_a_f}")
+    _require(c.nispa_min_phases >= 2, "nispa_min_phases", f"must be >= 2, got {c.nispa_min_phases}")
+    _require(
+        c.method != "nispa" or c.precision == "float32",
+        "precision",
+        f"nispa runs in float32 only (its masked layers keep no separate compute dtype), got {c.precision}",
+    )

@@ -25,7 +25,8 @@ from dgm_tf.data import DataError  # numpy only; TensorFlow loads with the engin
 _D = Config()  # defaults, shown in --help
 
 flags.DEFINE_string("workdir", None, "Directory for everything the run writes (must be new or empty).")
-flags.DEFINE_string("method", _D.method, "Method: dgmw or dgma (DGM with weight or activation masks), finetune, joint or mas.")
+flags.DEFINE_string("method", _D.method, "Method: dgmw or dgma (DGM with weight or activation masks), finetune, joint, "
+                    "mas or nispa.")
 flags.DEFINE_string("dataset", _D.dataset, "Data source: embedded (packaged Fashion-MNIST sample), idx:<dir>, npz:<file>, "
                     "folder:<dir> or tfds:<name>.")
 flags.DEFINE_string("data_dir", _D.data_dir, "tfds: directory of prepared datasets (empty: TFDS's default).")
@@ -57,7 +58,8 @@ flags.DEFINE_boolean("export", _D.export, "Export the classifier and generator a
                      "(export/<model>/<task>, TF Serving layout).")
 flags.DEFINE_boolean("restore_best", _D.restore_best, "At the end of every task put back the classifier of the "
                      "epoch with the best validation accuracy (what is evaluated, exported and carried on); "
-                     "--norestore_best keeps the last epoch's, as the reference does.")
+                     "--norestore_best keeps the last epoch's, as the reference does. No effect on nispa, whose "
+                     "revert to the previous phase is its own selection.")
 flags.DEFINE_string("distribution", _D.distribution,
                   "tf.distribute strategy: none (one device), mirrored (every GPU of this host, synchronous; "
                   "--batch_size stays the global batch), multi_worker (hosts listed in TF_CONFIG).")
@@ -82,6 +84,26 @@ flags.DEFINE_float("hat_thres_cosh", _D.hat_thres_cosh, "Clamp of s·e in the HA
 flags.DEFINE_string("classifier", _D.classifier, "finetune/joint/mas: the classifier network, dgm (DGM's "
                     "discriminator trunk with a growing class head) or cnn (a larger CNN).")
 flags.DEFINE_float("mas_lambda", _D.mas_lambda, "mas: weight of the importance-weighted penalty.")
+
+flags.DEFINE_string("nispa_network", _D.nispa_network, "nispa: auto (mlp for one-channel images, conv for three), "
+                    "mlp (400-400-400) or conv (4 convolutions, fc 1024).")
+flags.DEFINE_string("nispa_heads", _D.nispa_heads, "nispa: task (logits times the task's class mask, the paper's "
+                    "task-incremental NISPA) or single (one class-incremental head, the reference's NISPA_Replay).")
+flags.DEFINE_integer("replay_buffer", _D.replay_buffer, "nispa --nispa_heads=single: training images kept, split "
+                     "evenly over the classes seen (NISPA_Replay: 1000); 0 = no replay.")
+flags.DEFINE_float("nispa_density", _D.nispa_density, "nispa: share of each layer's connections that exist "
+                   "(0: the reference's, 0.2 MLP / 0.1 ConvNet).")
+flags.DEFINE_integer("nispa_hidden", _D.nispa_hidden, "nispa: units of each of the MLP's three hidden layers, or "
+                     "of the ConvNet's dense layer (0: the reference's, 400 / 1024).")
+flags.DEFINE_integer("nispa_phase_epochs", _D.nispa_phase_epochs, "nispa: epochs per phase (--epochs does not "
+                     "apply: the phases decide a task's length).")
+flags.DEFINE_float("nispa_lr", _D.nispa_lr, "nispa: Adam's learning rate (0: the reference's, 0.01 MLP / "
+                   "0.002 ConvNet).")
+flags.DEFINE_float("nispa_k", _D.nispa_k, "nispa: k of the stable-activation schedule p = 0.5 (1 + cos(pi phase / k)); "
+                   "a task stops at the latest once p <= 5 %.")
+flags.DEFINE_float("nispa_a_f", _D.nispa_a_f, "nispa: stop a task when validation accuracy falls more than this many "
+                   "points below its best phase.")
+flags.DEFINE_integer("nispa_min_phases", _D.nispa_min_phases, "nispa: phases before an accuracy drop may stop a task.")
 
 FLAGS = flags.FLAGS
 

@@ -30,6 +30,8 @@ TINY = dict(dataset="embedded", class_order=(1, 7), epochs=2, train_examples_per
 # DGM at smax 10: at the paper's 1e4, s*e amplifies last-bit rounding so much that even
 # one device with oneDNN on and off drifts apart by 1e-1 within a task (WORKSPACE.md).
 DGM = dict(nz=16, ngf=4, smax=10.0)
+# NISPA: a 32-unit MLP, phases of 2 epochs, at most 4 phases per task (nispa_k=4).
+NISPA = dict(nispa_hidden=32, nispa_phase_epochs=2, nispa_k=4.0)
 
 
 class _Stop(Exception):
@@ -58,7 +60,7 @@ def stopped_after_first_task(config, workdir):
 if __name__ == "__main__":
     out, method = pathlib.Path(sys.argv[1]), sys.argv[2]
     switch = sys.argv[3:] == ["switch"]
-    flags = dict(TINY, **{"dgmw": DGM, "dgma": DGM}.get(method, {}))
+    flags = dict(TINY, **{"dgmw": DGM, "dgma": DGM, "nispa": NISPA}.get(method, {}))
     for distribution in ("none", "mirrored"):
         config = Config(method=method, distribution=distribution, **flags)
         if not switch:

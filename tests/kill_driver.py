@@ -3,6 +3,7 @@
     python tests/kill_driver.py <point> <main flags...>
 
 Points: ``batch:T:E:B`` (before batch B of epoch E of task T, all 0-based; DGM methods),
+``nispa_batch:T:E:B`` (the same for NISPA, E counted across its phases),
 ``begin_task:T``, ``export:V`` (export version V written, not yet renamed into place),
 ``checkpoint:N`` (the N-th checkpoint's arrays written, not yet renamed into place).
 ``enospc:NAME:N`` does not kill: the N-th atomic write of a file called NAME fails as
@@ -19,7 +20,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import errno  # noqa: E402
 
 from dgm_tf import checkpoint, export, io_utils, main  # noqa: E402
-from dgm_tf.methods import classifier_base, dgm  # noqa: E402
+from dgm_tf.methods import classifier_base, dgm, nispa  # noqa: E402
 
 
 def die():
@@ -40,9 +41,16 @@ def install(point: str) -> None:
             return original(self, batch, logs)
 
         dgm.MaskScaleSchedule.on_train_batch_begin = on_batch
+    elif kind == "nispa_batch":
+
+        def on_nispa_batch(self, batch, logs=None):
+            if (self.task.index, self.epoch, batch) == tuple(nums):
+                die()
+
+        nispa.NispaPhaseCallback.on_train_batch_begin = on_nispa_batch
     elif kind == "begin_task":
         # Every method's begin_task (DGMw/DGMa share DGM's; the comparison methods theirs).
-        for cls in (dgm.DGM, classifier_base.ClassifierBaseline):
+        for cls in (dgm.DGM, classifier_base.ClassifierBaseline, nispa.NISPA):
             original_begin = cls.begin_task
 
             def begin(self, task, _original=original_begin):

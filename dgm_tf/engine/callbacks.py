@@ -2,7 +2,8 @@
 ``ValidationSelection`` (validates every ``--eval_every`` epochs and keeps the best
 epoch's classifier), ``ProgressLogger`` (a console line per epoch), ``NonFiniteGuard``
 (stops at the first non-finite loss with ``TrainingError``) and ``EpochCheckpoint`` (a
-checkpoint after every epoch).
+checkpoint after every epoch); ``epoch_budget`` and ``epochs_run``: how many epochs a
+method trains a task (``--epochs``, or its own phase loop's count: NISPA).
 """
 
 from __future__ import annotations
@@ -17,6 +18,36 @@ from absl import logging
 from dgm_tf.data import TaskData
 from dgm_tf.engine.evaluation import evaluate
 from dgm_tf.methods.base import ContinualMethod
+
+
+def epoch_budget(method: ContinualMethod, task: TaskData, epochs: int) -> tuple[int, bool]:
+    """How many epochs ``method.train_task`` runs for ``task``, before it runs.
+
+    ``(epochs, False)``: exactly ``epochs`` (``--epochs``), the contract of every method
+    whose ``max_task_epochs`` is None. A method that runs its own loop (NISPA's phases)
+    returns a number there: then ``(that, True)``, the task runs *at most* that many
+    epochs, numbered 0, 1, 2, ... across its phases as the callbacks see them
+    (``fit_epochs`` with the running index), and the method reports after
+    ``train_task`` how many it ran (``epochs_run``). Every per-epoch service (checkpoint,
+    validation selection, progress, monitoring, timing, the non-finite guard) sees those
+    epochs like any others; a task resumed mid-way gets ``initial_epoch`` = the epochs
+    done, as for every method.
+    """
+    most = method.max_task_epochs(task)
+    return (epochs, False) if most is None else (int(most), True)
+
+
+def epochs_run(method: ContinualMethod, epochs: int) -> tuple[int, int | None]:
+    """After ``train_task``: (epochs the task ran, the epoch (0-based) whose classifier
+    the method left in place, or None when the engine selects one with
+    ``--restore_best``). ``(epochs, None)`` when ``task_epochs_run()`` is None. A method
+    that names its epoch selects its own classifier (NISPA: the revert to the previous
+    phase), and the engine does not replace it (``--restore_best`` has no effect)."""
+    ran = method.task_epochs_run()
+    if ran is None:
+        return epochs, None
+    count, kept = ran
+    return int(count), None if kept is None else int(kept)
 
 
 class ValidationSelection(keras.callbacks.Callback):
@@ -93,13 +124,14 @@ class ValidationSelection(keras.callbacks.Callback):
         self.method.set_classifier_weights(self.best_weights)
         return self.best_epoch
 
-    def finish(self, final_test: list[float]) -> list[float] | None:
+    def finish(self, final_test: list[float], final_epoch: int | None = None) -> list[float] | None:
         """The best epoch's test row, the weights in place left as they are;
-        ``final_test`` is the row of those weights, reused when the best epoch is the
-        last one (the same weights)."""
+        ``final_test`` is the row of those weights, the classifier of ``final_epoch``
+        (default: the last epoch), reused when the best epoch is that one (the same
+        weights)."""
         if self.best_epoch is None or self.best_weights is None:
             return self.best_test
-        if self.best_epoch == self.epochs - 1:
+        if self.best_epoch == (self.epochs - 1 if final_epoch is None else final_epoch):
             self.best_test = list(final_test)
             return self.best_test
         current = self.method.classifier_weights()
@@ -112,13 +144,17 @@ class ValidationSelection(keras.callbacks.Callback):
 
 
 class ProgressLogger(keras.callbacks.Callback):
-    """One console line per epoch: losses, epoch time and the task's ETA."""
+    """One console line per epoch: losses, epoch time and the task's ETA. With
+    ``at_most`` (a method that decides its own length, ``epoch_budget``) ``epochs`` is
+    an upper bound, and the line says so (``epoch 7/<=130``, ``task ETA <=``)."""
 
-    KEYS = ("d_loss", "g_loss", "wasserstein", "gradient_penalty", "mask_reg", "c_loss", "c_acc", "mas_penalty", "val_acc", "s")
+    KEYS = ("d_loss", "g_loss", "wasserstein", "gradient_penalty", "mask_reg", "c_loss", "c_acc", "mas_penalty",
+            "phase", "task_val_acc", "val_acc", "s")
 
-    def __init__(self, task: int, num_tasks: int, epochs: int, first_epoch: int = 0):
+    def __init__(self, task: int, num_tasks: int, epochs: int, first_epoch: int = 0, at_most: bool = False):
         super().__init__()
         self.task, self.num_tasks, self.epochs, self.first_epoch = task, num_tasks, epochs, first_epoch
+        self.bound = "<=" if at_most else ""
         self.start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
@@ -127,8 +163,8 @@ class ProgressLogger(keras.callbacks.Callback):
         eta = elapsed / (epoch + 1 - self.first_epoch) * (self.epochs - epoch - 1)
         values = " ".join(f"{k}={logs[k]:.4g}" for k in self.KEYS if k in logs)
         logging.info(
-            "task %d/%d epoch %d/%d %s (%.1fs, task ETA %.0fs)",
-            self.task + 1, self.num_tasks, epoch + 1, self.epochs, values, elapsed, eta,
+            "task %d/%d epoch %d/%s%d %s (%.1fs, task ETA %s%.0fs)",
+            self.task + 1, self.num_tasks, epoch + 1, self.bound, self.epochs, values, elapsed, self.bound, eta,
         )
 
 

@@ -28,7 +28,9 @@ from dgm_tf.data import Scenario, load_dataset, make_scenario, resolve_class_ord
 from dgm_tf.engine.distribute import (
     cluster_errors, is_chief, make_strategy, worker_name,
 )
-from dgm_tf.engine.callbacks import EpochCheckpoint, NonFiniteGuard, ProgressLogger, TrainingError, ValidationSelection
+from dgm_tf.engine.callbacks import (
+    EpochCheckpoint, NonFiniteGuard, ProgressLogger, TrainingError, ValidationSelection, epoch_budget, epochs_run,
+)
 from dgm_tf.engine.evaluation import (
     REPLAY_EVAL_PER_CLASS, _results, evaluate, format_summary, replay_accuracy, write_sample_grid,
 )
@@ -71,6 +73,11 @@ def build_scenario(config: Config) -> Scenario:
         validation_fraction=config.validation_fraction,
         seed=config.seed,
     )
+    if 0 < config.replay_buffer < scenario.num_classes:
+        raise ConfigError(
+            f"--replay_buffer: {config.replay_buffer} images cannot hold one of each of the scenario's "
+            f"{scenario.num_classes} classes"
+        )
     if config.nz <= scenario.num_classes:
         raise ConfigError(
             f"--nz: must exceed the number of classes ({scenario.num_classes}), whose one-hot "
@@ -284,11 +291,14 @@ def _run_task(config, scenario, path, method, monitor, task, rows, save, resume_
         clock = Stopwatch(st.get("task_time_s"))
         selection = resume_from.restored
         initial_epoch, before = st["epochs_done"], st["task_elapsed_s"]
+        budget, own_loop = epoch_budget(method, task, config.epochs)
     else:
-        selection = ValidationSelection(method, scenario.tasks[: t + 1], config.eval_every, config.epochs)
         clock = Stopwatch()
         with clock.phase("begin_task"):
             method.begin_task(task)
+        # --epochs, or at most the method's own count (callbacks.epoch_budget).
+        budget, own_loop = epoch_budget(method, task, config.epochs)
+        selection = ValidationSelection(method, scenario.tasks[: t + 1], config.eval_every, budget)
         initial_epoch, before = 0, 0.0
 
     def elapsed():
@@ -297,7 +307,7 @@ def _run_task(config, scenario, path, method, monitor, task, rows, save, resume_
     callbacks = [
         StepTimer(clock),
         TimedCallback(selection, clock, "validation"),
-        ProgressLogger(t, T, config.epochs, initial_epoch),
+        ProgressLogger(t, T, budget, initial_epoch, at_most=own_loop),
         TimedCallback(monitor.callback(method, task), clock, "monitoring"),
         NonFiniteGuard(t),
         TimedCallback(EpochCheckpoint(lambda done: save("epoch", t, done, selection, elapsed(), clock)),
@@ -305,24 +315,28 @@ def _run_task(config, scenario, path, method, monitor, task, rows, save, resume_
     ]
     method.train_task(task, callbacks, initial_epoch=initial_epoch)
     seen = scenario.tasks[: t + 1]
-    last = config.epochs - 1
+    # Epochs run, and the epoch whose classifier train_task left in place: the last,
+    # unless the method selects its own (NISPA's revert; callbacks.epochs_run).
+    ran, kept = epochs_run(method, config.epochs)
+    in_place = ran - 1 if kept is None else kept
     with clock.phase("evaluation"):
-        # The classifier trained to the task's last epoch: the reference's figure.
+        # The classifier trained to the task's last epoch: the reference's figure
+        # (a method that selects its own: the classifier it ended the task with).
         last_il, last_aware = evaluate(method, seen, "test")
-    selected = last
-    if config.restore_best:
+    selected = in_place
+    if config.restore_best and kept is None:
         # Before evaluation, end_task (MAS takes theta* and importance here), samples,
         # export and the task-end checkpoint: all of them see the restored classifier,
         # and methods whose classifier carries over start the next task from it.
         with clock.phase("validation"):
             selected = selection.restore_best()
     with clock.phase("evaluation"):
-        if selected == last:  # the weights trained to the end (restored or not)
+        if selected == in_place:  # the weights train_task ended with (restored or not)
             class_il, task_aware = last_il, last_aware
         else:
             class_il, task_aware = evaluate(method, seen, "test")
         # Restored: the best epoch's row is the one just measured; else evaluated aside.
-        best_test = list(class_il) if selected == selection.best_epoch else selection.finish(last_il)
+        best_test = list(class_il) if selected == selection.best_epoch else selection.finish(last_il, in_place)
     with clock.phase("end_task"):
         method.end_task(task)
     with clock.phase("samples"):
@@ -351,7 +365,7 @@ def _run_task(config, scenario, path, method, monitor, task, rows, save, resume_
     results = _results(config, scenario, rows)
     io_utils.atomic_write_json(path / "results.json", results)
     monitor.task_end(method, t, results, grid, rows["replay"][-1])
-    save("task_end", t, config.epochs, None, rows["wall"][-1])
+    save("task_end", t, ran, None, rows["wall"][-1])
     logging.info(
         "task %d/%d done in %.0fs: A_%d=%.4f (classifier of epoch %d; last epoch's A_%d=%.4f)  accuracies %s",
         t + 1, T, rows["wall"][-1], t + 1, results["average_accuracy"][-1], selected + 1, t + 1,

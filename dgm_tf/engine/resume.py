@@ -14,7 +14,7 @@ from absl import logging
 from dgm_tf.checkpoint import RESTORE_ERRORS, Checkpoint, CheckpointError, CheckpointManager
 from dgm_tf.config import Config, ConfigError
 from dgm_tf.data import Scenario, fingerprint_differences, scenario_fingerprint
-from dgm_tf.engine.callbacks import ValidationSelection
+from dgm_tf.engine.callbacks import ValidationSelection, epoch_budget
 from dgm_tf.methods.base import ContinualMethod
 from dgm_tf.workdir import WorkdirError
 
@@ -25,7 +25,11 @@ RESUME_MAY_CHANGE = frozenset({"log_every_steps", "keep_checkpoints", "distribut
 # Fields added after runs were written. A flags.txt that does not name one is of a run
 # that predates it: it reads as the default, and the run may be resumed with either
 # value (its finished tasks ran as the code then did; results.json says how).
-ADDED_AFTER_RUNS = frozenset({"restore_best"})
+# The NISPA flags change only --method=nispa, which no run before them could use.
+ADDED_AFTER_RUNS = frozenset({
+    "restore_best", "nispa_network", "nispa_heads", "replay_buffer", "nispa_density", "nispa_hidden",
+    "nispa_phase_epochs", "nispa_lr", "nispa_k", "nispa_a_f", "nispa_min_phases",
+})
 
 
 def _named_flags(text: str) -> set[str]:
@@ -93,7 +97,8 @@ def resume_checkpoint(
             return None
         task = scenario.tasks[st["task"]]
         method.restore_checkpoint(st["method"], checkpoint.arrays, checkpoint.shared, task=task)
-        selection = ValidationSelection(method, scenario.tasks[: task.index + 1], config.eval_every, config.epochs)
+        budget, _ = epoch_budget(method, task, config.epochs)  # after the restore: the method's own count
+        selection = ValidationSelection(method, scenario.tasks[: task.index + 1], config.eval_every, budget)
         selection.restore(st["selection"], checkpoint.arrays)
         return selection
 

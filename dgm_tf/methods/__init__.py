@@ -8,6 +8,7 @@ from dgm_tf.methods.dgm import DGMa, DGMw
 from dgm_tf.methods.finetune import FineTune
 from dgm_tf.methods.joint import Joint
 from dgm_tf.methods.mas import MAS
+from dgm_tf.methods.nispa import NISPA
 
 METHODS: dict[str, type[ContinualMethod]] = {
     "dgmw": DGMw,
@@ -15,6 +16,7 @@ METHODS: dict[str, type[ContinualMethod]] = {
     "finetune": FineTune,
     "joint": Joint,
     "mas": MAS,
+    "nispa": NISPA,
 }
 
 
@@ -27,4 +29,4 @@ def make_method(config: Config, scenario) -> ContinualMethod:
     return cls(config, scenario)
 
 
-__all__ = ["METHODS", "ContinualMethod", "DGMa", "DGMw", "make_method"]
+__all__ = ["METHODS", "ContinualMethod", "DGMa", "DGMw", "NISPA", "make_method"]

@@ -103,6 +103,18 @@ class ContinualMethod(abc.ABC):
         """Per-task numbers for results.json (e.g. ``generator_params``)."""
         return {}
 
+    def max_task_epochs(self, task: TaskData) -> int | None:
+        """A method that decides a task's length itself (NISPA's phases): the most
+        epochs ``train_task`` may run for ``task``. None (the default): exactly
+        ``--epochs``, as ``train_task`` is told."""
+        return None
+
+    def task_epochs_run(self) -> tuple[int, int | None] | None:
+        """After ``train_task`` of a method with ``max_task_epochs``: (epochs it ran,
+        the 0-based epoch whose classifier it left in place, or None when that is the
+        last and ``--restore_best`` may select another). None (the default): ``--epochs``."""
+        return None
+
 
 def copy_weights(model: keras.Model) -> list[np.ndarray]:
     """Copies of all of ``model``'s variables, trainable and not (``model.weights``

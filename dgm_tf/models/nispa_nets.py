@@ -170,13 +170,16 @@ class NispaConvNet(_SparseNetwork):
 
 
 def build_nispa_network(kind: str, num_classes: int, input_shape: Sequence[int], density: float | None = None,
-                        seed=0) -> _SparseNetwork:
+                        seed=0, mlp_hidden: Sequence[int] | None = None,
+                        dense_units: int | None = None) -> _SparseNetwork:
     """A built NISPA network with random masks and Kaiming-normal fan-out weights.
 
     ``kind``: ``"mlp"`` or ``"conv"``. ``input_shape``: one image (H, W, C). ``density``
     defaults to the reference's (0.2 MLP, 0.1 ConvNet). ``seed``: anything
     ``numpy.random.default_rng`` accepts (an int, a tuple) or a Generator; every draw
-    comes from it, so the same seed gives the same network.
+    comes from it, so the same seed gives the same network. ``mlp_hidden``: the MLP's
+    hidden widths (default the reference's 400, 400, 400); ``dense_units``: the
+    ConvNet's dense layer (default the reference's 1024); each ignored by the other.
 
     Initialisation: every kernel N(0, 2 / fan_out), biases 0. The reference's ConvNet
     starts with fan-in Kaiming weights and its MLP with PyTorch's default uniform
@@ -186,11 +189,11 @@ def build_nispa_network(kind: str, num_classes: int, input_shape: Sequence[int],
     """
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     if kind == "mlp":
-        net = NispaMLP(num_classes)
+        net = NispaMLP(num_classes) if mlp_hidden is None else NispaMLP(num_classes, hidden=mlp_hidden)
         density = MLP_DENSITY if density is None else density
         dense_first = False
     elif kind == "conv":
-        net = NispaConvNet(num_classes)
+        net = NispaConvNet(num_classes) if dense_units is None else NispaConvNet(num_classes, dense_units=dense_units)
         density = CONVNET_DENSITY if density is None else density
         dense_first = True  # the reference's random_prune(skip_first=True)
     else:
