@@ -12,8 +12,9 @@ import math
 import re
 from typing import Any
 
-# DGM's two mask kinds, then the comparison methods (DESIGN.md §5; NISPA: issue 20).
-METHODS = ("dgmw", "dgma", "finetune", "joint", "mas", "nispa")
+# DGM's two mask kinds, then the comparison methods (DESIGN.md §5; NISPA: issue 20;
+# Dynamos: issue 21).
+METHODS = ("dgmw", "dgma", "finetune", "joint", "mas", "nispa", "dynamos")
 DGM_METHODS = ("dgmw", "dgma")
 # --nispa_network: "auto" picks the MLP for one-channel images and the ConvNet for
 # three (the reference's MLP for (E)MNIST/Fashion-MNIST, ConvNet for CIFAR).
@@ -102,7 +103,7 @@ class Config:
     # reference's task-incremental scripts (NISPA/EFMNIST_experiment.sh, CIFAR10_experiment.sh).
     nispa_network: str = "auto"  # see NISPA_NETWORKS
     nispa_heads: str = "task"  # see NISPA_HEADS
-    replay_buffer: int = 0  # nispa single head: stored training images (NISPA_Replay: 1000); 0 = none
+    replay_buffer: int = 0  # stored training images: nispa single head (NISPA_Replay: 1000), dynamos (500)
     nispa_density: float = 0.0  # share of each layer's connections; 0 = the reference's (0.2 MLP, 0.1 ConvNet)
     nispa_hidden: int = 0  # MLP hidden units per layer / ConvNet dense units; 0 = the reference's (400 / 1024)
     nispa_phase_epochs: int = 5  # epochs per phase (the reference's --phase_epochs)
@@ -110,6 +111,21 @@ class Config:
     nispa_k: float = 30.0  # p schedule p = 0.5 (1 + cos(pi phase / k)) (--step_size_param)
     nispa_a_f: float = 0.75  # stop when validation accuracy falls this many points below the best
     nispa_min_phases: int = 2  # accuracy stops only after this many phases (reference: t > 2)
+
+    # Dynamos (Varma et al., arXiv 2301.00620; dgm_tf/methods/dynamos.py). Defaults: the
+    # reference's best seq-MNIST setting at buffer 500 (utils/best_args.py); the buffer's
+    # size is --replay_buffer, the batch --batch_size, the epochs per task --epochs.
+    dynamos_buffer_batch: int = 10  # buffer samples replayed per step (its --minibatch_size)
+    dynamos_lr: float = 0.07  # SGD without momentum
+    dynamos_alpha: float = 0.2  # weight of MSE(logits, stored logits) on the buffer batch
+    dynamos_beta: float = 2.0  # weight of the buffer batch's CE + reward_weight * policy loss
+    dynamos_policy_alpha: float = 0.2  # weight of MSE(policy logits, stored policy logits)
+    dynamos_policy_penalty: float = -500.0  # reward factor -penalty on a misclassified sample
+    dynamos_reward_weight: float = 0.5  # weight of the policy (REINFORCE) loss
+    dynamos_prototype_weight: float = 0.3  # weight of the prototype loss
+    dynamos_keep_ratio: float = 0.7  # share of channels the gates are rewarded to keep
+    dynamos_nf: int = 32  # width of the ResNet's first stage (the second has 2 nf)
+    dynamos_warmup: int = 10  # ungated CE-only epochs (steps, when --epochs=1) at the run's start
 
     def __post_init__(self):
         validate(self)
@@ -189,9 +205,9 @@ def validate(c: Config) -> None:
         "finetune, joint and mas only",
     )
     _require(
-        c.method != "nispa" or c.classifier == "dgm",
+        c.method not in ("nispa", "dynamos") or c.classifier == "dgm",
         "classifier",
-        f"nispa trains its own sparse network (--nispa_network); --classifier={c.classifier} applies to "
+        f"{c.method} trains its own network; --classifier={c.classifier} applies to "
         "finetune, joint and mas only",
     )
     for f in dataclasses.fields(c):  # inf/nan would only surface as a NaN loss later
@@ -205,6 +221,7 @@ def validate(c: Config) -> None:
     )
     _require(c.mas_lambda >= 0, "mas_lambda", f"must be >= 0, got {c.mas_lambda}")
     _validate_nispa(c)
+    _validate_dynamos(c)
     _require(bool(c.dataset), "dataset", "must not be empty (e.g. embedded, idx:/path/to/dir)")
     _require(c.channels in (0, 1, 3), "channels", f"must be 0 (as stored), 1 or 3, got {c.channels}")
     _require(0.0 < c.test_fraction < 1.0, "test_fraction", f"must be in (0, 1), got {c.test_fraction}")
@@ -268,10 +285,10 @@ def _validate_nispa(c: Config) -> None:
     )
     _require(c.replay_buffer >= 0, "replay_buffer", f"must be >= 0 (0 = none), got {c.replay_buffer}")
     _require(
-        c.replay_buffer == 0 or (c.method == "nispa" and c.nispa_heads == "single"),
+        c.replay_buffer == 0 or (c.method == "nispa" and c.nispa_heads == "single") or c.method == "dynamos",
         "replay_buffer",
-        f"applies to --method=nispa --nispa_heads=single (the reference's NISPA_Replay), not to "
-        f"--method={c.method} --nispa_heads={c.nispa_heads}",
+        f"applies to --method=dynamos and to --method=nispa --nispa_heads=single (the reference's "
+        f"NISPA_Replay), not to --method={c.method} --nispa_heads={c.nispa_heads}",
     )
     _require(
         c.nispa_density == 0.0 or 0.0 < c.nispa_density <= 1.0,
@@ -292,4 +309,32 @@ def _validate_nispa(c: Config) -> None:
         c.method != "nispa" or c.precision == "float32",
         "precision",
         f"nispa runs in float32 only (its masked layers keep no separate compute dtype), got {c.precision}",
+    )
+
+
+def _validate_dynamos(c: Config) -> None:
+    """The Dynamos flags (checked whatever the method, so a flagfile's typo surfaces)."""
+    _require(
+        c.method != "dynamos" or c.replay_buffer >= 1,
+        "replay_buffer",
+        f"dynamos rehearses from a buffer of stored images: give its size (the reference: 500, "
+        f"1000 or 2000), got {c.replay_buffer}",
+    )
+    _require(c.dynamos_buffer_batch >= 1, "dynamos_buffer_batch", f"must be >= 1, got {c.dynamos_buffer_batch}")
+    _require(
+        c.method != "dynamos" or c.dynamos_buffer_batch <= c.replay_buffer,
+        "dynamos_buffer_batch",
+        f"{c.dynamos_buffer_batch} samples per step cannot come from a buffer of {c.replay_buffer}",
+    )
+    _require(c.dynamos_lr > 0, "dynamos_lr", f"must be > 0, got {c.dynamos_lr}")
+    for name in ("dynamos_alpha", "dynamos_beta", "dynamos_policy_alpha", "dynamos_reward_weight",
+                 "dynamos_prototype_weight"):
+        _require(getattr(c, name) >= 0, name, f"must be >= 0, got {getattr(c, name)}")
+    _require(0.0 < c.dynamos_keep_ratio <= 1.0, "dynamos_keep_ratio", f"must be in (0, 1], got {c.dynamos_keep_ratio}")
+    _require(c.dynamos_nf >= 2, "dynamos_nf", f"must be >= 2, got {c.dynamos_nf}")
+    _require(c.dynamos_warmup >= 0, "dynamos_warmup", f"must be >= 0 (0 = none), got {c.dynamos_warmup}")
+    _require(
+        c.method != "dynamos" or c.precision == "float32",
+        "precision",
+        f"dynamos runs in float32 only (its gates' log-probabilities), got {c.precision}",
     )

@@ -26,7 +26,7 @@ _D = Config()  # defaults, shown in --help
 
 flags.DEFINE_string("workdir", None, "Directory for everything the run writes (must be new or empty).")
 flags.DEFINE_string("method", _D.method, "Method: dgmw or dgma (DGM with weight or activation masks), finetune, joint, "
-                    "mas or nispa.")
+                    "mas, nispa or dynamos.")
 flags.DEFINE_string("dataset", _D.dataset, "Data source: embedded (packaged Fashion-MNIST sample), idx:<dir>, npz:<file>, "
                     "folder:<dir> or tfds:<name>.")
 flags.DEFINE_string("data_dir", _D.data_dir, "tfds: directory of prepared datasets (empty: TFDS's default).")
@@ -89,8 +89,9 @@ flags.DEFINE_string("nispa_network", _D.nispa_network, "nispa: auto (mlp for one
                     "mlp (400-400-400) or conv (4 convolutions, fc 1024).")
 flags.DEFINE_string("nispa_heads", _D.nispa_heads, "nispa: task (logits times the task's class mask, the paper's "
                     "task-incremental NISPA) or single (one class-incremental head, the reference's NISPA_Replay).")
-flags.DEFINE_integer("replay_buffer", _D.replay_buffer, "nispa --nispa_heads=single: training images kept, split "
-                     "evenly over the classes seen (NISPA_Replay: 1000); 0 = no replay.")
+flags.DEFINE_integer("replay_buffer", _D.replay_buffer, "Stored training images. nispa --nispa_heads=single: split "
+                     "evenly over the classes seen (NISPA_Replay: 1000; 0 = no replay); dynamos: the reservoir's "
+                     "size (required; the reference's 500, 1000 or 2000).")
 flags.DEFINE_float("nispa_density", _D.nispa_density, "nispa: share of each layer's connections that exist "
                    "(0: the reference's, 0.2 MLP / 0.1 ConvNet).")
 flags.DEFINE_integer("nispa_hidden", _D.nispa_hidden, "nispa: units of each of the MLP's three hidden layers, or "
@@ -104,6 +105,22 @@ flags.DEFINE_float("nispa_k", _D.nispa_k, "nispa: k of the stable-activation sch
 flags.DEFINE_float("nispa_a_f", _D.nispa_a_f, "nispa: stop a task when validation accuracy falls more than this many "
                    "points below its best phase.")
 flags.DEFINE_integer("nispa_min_phases", _D.nispa_min_phases, "nispa: phases before an accuracy drop may stop a task.")
+
+flags.DEFINE_integer("dynamos_buffer_batch", _D.dynamos_buffer_batch, "dynamos: buffer samples replayed per step.")
+flags.DEFINE_float("dynamos_lr", _D.dynamos_lr, "dynamos: SGD learning rate (no momentum).")
+flags.DEFINE_float("dynamos_alpha", _D.dynamos_alpha, "dynamos: weight of MSE(logits, stored logits) on the buffer batch.")
+flags.DEFINE_float("dynamos_beta", _D.dynamos_beta, "dynamos: weight of the buffer batch's CE + reward_weight x policy loss.")
+flags.DEFINE_float("dynamos_policy_alpha", _D.dynamos_policy_alpha, "dynamos: weight of MSE(policy logits, stored "
+                   "policy logits) on the buffer batch.")
+flags.DEFINE_float("dynamos_policy_penalty", _D.dynamos_policy_penalty, "dynamos: a misclassified sample's gate "
+                   "reward is multiplied by -penalty.")
+flags.DEFINE_float("dynamos_reward_weight", _D.dynamos_reward_weight, "dynamos: weight of the policy (REINFORCE) loss.")
+flags.DEFINE_float("dynamos_prototype_weight", _D.dynamos_prototype_weight, "dynamos: weight of the prototype loss.")
+flags.DEFINE_float("dynamos_keep_ratio", _D.dynamos_keep_ratio, "dynamos: share of gated channels the gates are "
+                   "rewarded to keep.")
+flags.DEFINE_integer("dynamos_nf", _D.dynamos_nf, "dynamos: channels of the ResNet's first stage (second: 2 nf).")
+flags.DEFINE_integer("dynamos_warmup", _D.dynamos_warmup, "dynamos: ungated, CE-only epochs at the run's start "
+                     "(steps, when --epochs=1); 0 = none.")
 
 FLAGS = flags.FLAGS
 

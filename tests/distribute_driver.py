@@ -1,10 +1,11 @@
 """One run on one device and the same run under MirroredStrategy on 2 logical CPUs.
 
-    python tests/distribute_driver.py <out dir> <method> [switch]
+    python tests/distribute_driver.py <out dir> <method> [switch | clip]
 
 Writes <out dir>/none and <out dir>/mirrored (for tests/test_distribute.py); with
 ``switch`` instead <out dir>/none and <out dir>/switched: a one-device run stopped after
-its first task and resumed under MirroredStrategy. The CPU is split before TensorFlow
+its first task and resumed under MirroredStrategy; with ``clip`` (DGM) two steps of one
+task with a generator clip that binds. The CPU is split before TensorFlow
 initialises its devices, so this must be its own process.
 """
 
@@ -32,6 +33,9 @@ TINY = dict(dataset="embedded", class_order=(1, 7), epochs=2, train_examples_per
 DGM = dict(nz=16, ngf=4, smax=10.0)
 # NISPA: a 32-unit MLP, phases of 2 epochs, at most 4 phases per task (nispa_k=4).
 NISPA = dict(nispa_hidden=32, nispa_phase_epochs=2, nispa_k=4.0)
+# Dynamos: nf 4; the first epoch is the ungated warm-up, then every step rehearses
+# (buffer of 16, batches of 8: 4 per replica) and feeds the prototype losses.
+DYNAMOS = dict(replay_buffer=16, dynamos_buffer_batch=8, dynamos_nf=4, dynamos_warmup=1, keep_checkpoints=20)
 
 
 class _Stop(Exception):
@@ -57,10 +61,18 @@ def stopped_after_first_task(config, workdir):
         loop._run_task = original
 
 
+# Two steps of one task, the generator's gradients clipped to norm 1e-3 (the reference's
+# 1e4 never binds at these sizes): clipping each replica's share instead of the summed
+# gradient shows here, before mask binarisation and later tasks blur it.
+CLIP = dict(class_order=(1,), epochs=1, clip_norm=1e-3)
+
+
 if __name__ == "__main__":
     out, method = pathlib.Path(sys.argv[1]), sys.argv[2]
     switch = sys.argv[3:] == ["switch"]
-    flags = dict(TINY, **{"dgmw": DGM, "dgma": DGM, "nispa": NISPA}.get(method, {}))
+    flags = dict(TINY, **{"dgmw": DGM, "dgma": DGM, "nispa": NISPA, "dynamos": DYNAMOS}.get(method, {}))
+    if sys.argv[3:] == ["clip"]:
+        flags.update(CLIP)
     for distribution in ("none", "mirrored"):
         config = Config(method=method, distribution=distribution, **flags)
         if not switch:

@@ -7,7 +7,6 @@ Reference: arXiv 2301.00620, github NeurAI-Lab/DynamicContinualLearning.
 
 import io
 import itertools
-import json
 import math
 
 import keras
@@ -26,31 +25,51 @@ LN3 = math.log(3.0)
 def _stream(n, ids_from=0):
     """n always-correct samples: example = its stream id, label 0, logits favour 0."""
     ids = np.arange(ids_from, ids_from + n, dtype=np.float32)[:, None]
-    return ids, np.zeros(n, np.int64), np.tile([[1.0, 0.0]], (n, 1)), np.zeros((n, 3), np.float32)
+    return ids, np.zeros(n, np.int64), np.tile([[1.0, 0.0]], (n, 1)).astype(np.float32), np.zeros((n, 3), np.float32)
 
 
-def _stored_ids(buffer):
-    return {int(v) for v in buffer.examples[buffer.filled, 0]}
+def _memory(size, example_shape=(1,), classes=2, policy=3):
+    """A memory and its add / sample traced once per input signature (the statistical
+    tests offer thousands of batches)."""
+    memory = dc.ReservoirMemory(size, example_shape, classes, policy)
+    add = tf.function(lambda x, y, logits, p, seed: memory.add(x, y, logits, p, seed))
+    sample = tf.function(lambda seed: memory.sample(min(size, 10), seed))
+    return memory, add, sample
+
+
+def _seed(*keys):
+    return dc.step_seed(keys[0], keys[1] if len(keys) > 1 else 0, keys[2] if len(keys) > 2 else 0, 0)
+
+
+def _stored_ids(memory):
+    filled = memory.filled.numpy()
+    return {int(v) for v in memory.examples.numpy()[filled, 0]}
+
+
+def _reset(memory):
+    for v in memory.variables.values():
+        v.assign(tf.zeros_like(v))
 
 
 # ------------------------------------------------------------------ reservoir
 
 def test_reservoir_keeps_every_subset_equally_likely():
     # Size 2, stream of 4: a uniform reservoir holds each of the C(4, 2) = 6 pairs with
-    # probability 1/6. 6000 runs, expected 1000 per pair; Pearson's statistic has 5
+    # probability 1/6. 3000 runs, expected 500 per pair; Pearson's statistic has 5
     # degrees of freedom and P(chi2_5 > 36) = 9.5e-7 (closed form for odd dof:
     # erfc(sqrt(x/2)) + sqrt(2x/pi) e^(-x/2) (1 + x/3)), so a correct reservoir fails
     # this bound for about one seed in a million. Drawing j from 0..s-1 instead of
     # 0..s (an off-by-one) always evicts for item 2: statistic in the thousands.
-    runs = 6000
+    runs = 3000
     counts = {pair: 0 for pair in itertools.combinations(range(4), 2)}
+    memory, add, _ = _memory(2)
+    batches = [tuple(tf.constant(a) for a in _stream(n, start)) for start, n in ((0, 1), (1, 2), (3, 1))]
     for run in range(runs):
-        buffer = dc.ReservoirBuffer(2)
-        rng = dc.keyed_rng(11, run)
-        for start, n in ((0, 1), (1, 2), (3, 1)):  # batches of 1, 2, 1 items
-            buffer.add(*_stream(n, start), rng)
-        assert len(buffer) == 2 and buffer.seen == 4
-        counts[tuple(sorted(_stored_ids(buffer)))] += 1
+        _reset(memory)
+        for i, batch in enumerate(batches):  # batches of 1, 2, 1 items
+            add(*batch, _seed(11, run, i))
+        assert int(memory.count()) == 2 and int(memory.seen.numpy()) == 4
+        counts[tuple(sorted(_stored_ids(memory)))] += 1
     expected = runs / 6
     statistic = sum((c - expected) ** 2 / expected for c in counts.values())
     assert statistic < 36.0, counts
@@ -58,25 +77,25 @@ def test_reservoir_keeps_every_subset_equally_likely():
 
 def test_reservoir_inclusion_frequency_is_size_over_stream_length():
     # Size 12, stream of 60 in batches of 7 (the fill phase ends inside a batch): every
-    # item is kept with probability 12/60 = 0.2. Over 1500 runs an item's count is
-    # Binomial(1500, 0.2): mean 300, sd 15.5. Bound 5.5 sd = 85: P(|Z| > 5.5) = 3.8e-8
+    # item is kept with probability 12/60 = 0.2. Over 600 runs an item's count is
+    # Binomial(600, 0.2): mean 120, sd 9.8. Bound 5.5 sd = 54: P(|Z| > 5.5) = 3.8e-8
     # per item, 2.3e-6 for any of the 60 (union bound).
-    size, n, runs = 12, 60, 1500
+    size, n, runs = 12, 60, 600
     inclusion = np.zeros(n)
+    memory, add, _ = _memory(size)
+    batches = [tuple(tf.constant(a) for a in _stream(min(7, n - start), start)) for start in range(0, n, 7)]
     for run in range(runs):
-        buffer = dc.ReservoirBuffer(size)
-        rng = dc.keyed_rng(5, run)
-        for start in range(0, n, 7):
-            buffer.add(*_stream(min(7, n - start), start), rng)
-            assert len(buffer) <= size
-        inclusion[sorted(_stored_ids(buffer))] += 1
-        assert len(buffer) == size
+        _reset(memory)
+        for i, batch in enumerate(batches):
+            add(*batch, _seed(5, run, i))
+        assert int(memory.count()) == size
+        inclusion[sorted(_stored_ids(memory))] += 1
     assert np.abs(inclusion - runs * size / n).max() < 5.5 * math.sqrt(runs * 0.2 * 0.8), inclusion
 
 
 def test_add_if_correct_never_stores_a_misclassified_sample_and_never_overflows():
     rng = np.random.default_rng(0)
-    buffer = dc.ReservoirBuffer(50)
+    memory = dc.ReservoirMemory(50, (4, 4, 1), num_classes=5, policy_width=8)
     wrong_with_slot = 0
     for step in range(60):
         classes = 3 if step < 30 else 5  # the head grows mid-stream
@@ -85,89 +104,90 @@ def test_add_if_correct_never_stores_a_misclassified_sample_and_never_overflows(
         labels = rng.integers(0, classes, size=n)
         x = rng.normal(size=(n, 4, 4, 1)).astype(np.float32)
         policy = rng.normal(size=(n, 8)).astype(np.float32)
-        slots_rng = dc.keyed_rng(1, step)
-        drawn = dc.reservoir_slots(buffer.seen, n, buffer.size, dc.keyed_rng(1, step))
-        written = buffer.add(x, labels, logits, policy, slots_rng)
+        seed = _seed(1, step)
+        drawn = dc.reservoir_slots(memory.seen, n, memory.size, seed).numpy()
+        written = memory.add(x, labels, logits, policy, seed).numpy()
         correct = np.argmax(logits, axis=1) == labels
-        np.testing.assert_array_equal(written, np.where(correct, drawn, -1))
+        # A correct sample takes its drawn slot unless a later one of the batch takes it.
+        later_same = [bool(((drawn[i + 1:] == drawn[i]) & correct[i + 1:]).any()) for i in range(n)]
+        expected = np.where(correct & (drawn >= 0) & ~np.array(later_same), drawn, -1)
+        np.testing.assert_array_equal(written, expected)
         wrong_with_slot += int(((drawn >= 0) & ~correct).sum())
         for i in np.flatnonzero(written >= 0):
-            if written[i] not in written[i + 1:]:  # not overwritten later in the same batch
-                slot = written[i]
-                np.testing.assert_array_equal(buffer.examples[slot], x[i])
-                np.testing.assert_array_equal(buffer.policy_logits[slot], policy[i])
-        assert len(buffer) <= 50 and buffer.examples.shape[0] == 50 and buffer.filled.shape == (50,)
-        assert buffer.seen == 10 * (step + 1)
+            np.testing.assert_array_equal(memory.examples.numpy()[written[i]], x[i])
+            np.testing.assert_array_equal(memory.policy_logits.numpy()[written[i]], policy[i])
+        assert int(memory.count()) <= 50
+        assert int(memory.seen.numpy()) == 10 * (step + 1)
     # Every stored row is a correctly classified sample, judged on its own logits width.
-    stored = np.flatnonzero(buffer.filled)
+    state = memory.state()
+    stored = np.flatnonzero(state["filled"])
     for slot in stored:
-        width = buffer.logit_widths[slot]
-        assert np.argmax(buffer.logits[slot, :width]) == buffer.labels[slot]
-        assert not buffer.logits[slot, width:].any()
-    assert set(buffer.logit_widths[stored]) == {3, 5}
+        width = state["widths"][slot]
+        assert np.argmax(state["logits"][slot, :width]) == state["labels"][slot]
+        assert not state["logits"][slot, width:].any()
+    assert set(state["widths"][stored]) == {3, 5}
     assert wrong_with_slot > 20  # misclassified samples did draw slots: the filter was exercised
-    assert 0 < len(buffer) <= 50
-    batch = buffer.sample(16, dc.keyed_rng(2))
-    assert len(set(batch["slots"])) == 16 and buffer.filled[batch["slots"]].all()
+    batch = memory.sample(16, _seed(2))
+    assert len(set(batch["slots"].numpy())) == 16 and batch["valid"].numpy().all()
+    # Disabled (warm-up): nothing written, the seen count unchanged.
+    before = memory.state()
+    written = memory.add(x, labels, logits, policy, _seed(3), enabled=False).numpy()
+    assert (written == -1).all()
+    for name, value in memory.state().items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
 
 
 def test_sampling_skips_slots_never_written():
-    buffer = dc.ReservoirBuffer(8)
+    memory = dc.ReservoirMemory(8, (1,), 2, 3)
     x, labels, logits, policy = _stream(6)
     logits[[1, 4]] = [0.0, 1.0]  # two fill-phase samples misclassified: slots 1, 4 stay empty
-    buffer.add(x, labels, logits, policy, dc.keyed_rng(0))
-    assert len(buffer) == 4 and buffer.seen == 6
+    memory.add(x, labels, logits, policy, _seed(0))
+    assert int(memory.count()) == 4 and int(memory.seen.numpy()) == 6
     for seed in range(20):
-        batch = buffer.sample(10, dc.keyed_rng(seed))
-        assert sorted(batch["slots"]) == [0, 2, 3, 5]  # min(10, 4) distinct filled slots
-    with pytest.raises(ValueError):
-        dc.ReservoirBuffer(3).sample(2, dc.keyed_rng(0))
+        batch = memory.sample(6, _seed(seed))
+        slots, valid = batch["slots"].numpy(), batch["valid"].numpy()
+        assert sorted(slots[valid]) == [0, 2, 3, 5] and valid.sum() == 4  # the filled ones first
+        assert len(set(slots)) == 6
 
 
 def test_buffer_state_round_trip_is_exact():
-    buffer = dc.ReservoirBuffer(20)
+    memory = dc.ReservoirMemory(20, (3, 3, 1), 4, 4)
 
     def offer(buf, step, classes):
         data = np.random.default_rng(100 + step)
         logits = data.normal(size=(6, classes)).astype(np.float32)
-        buf.add(data.integers(0, 255, size=(6, 3, 3, 1), dtype=np.uint8), data.integers(0, classes, size=6),
-                logits, data.normal(size=(6, 4)).astype(np.float32), dc.keyed_rng(9, step))
+        buf.add(data.normal(size=(6, 3, 3, 1)).astype(np.float32), data.integers(0, classes, size=6),
+                logits, data.normal(size=(6, 4)).astype(np.float32), _seed(9, step))
 
-    empty_meta, empty_arrays = dc.ReservoirBuffer(5).state()
-    assert dc.ReservoirBuffer.from_state(json.loads(json.dumps(empty_meta)), empty_arrays).examples is None
     for step in range(12):
-        offer(buffer, step, 2 if step < 6 else 4)
-    meta, arrays = buffer.state()
+        offer(memory, step, 2 if step < 6 else 4)
+    arrays = memory.state()
     blob = io.BytesIO()
     np.savez(blob, **arrays)
     blob.seek(0)
-    loaded = dict(np.load(blob))
-    restored = dc.ReservoirBuffer.from_state(json.loads(json.dumps(meta)), loaded)
-    for name in ("examples", "labels", "logits", "logit_widths", "policy_logits", "filled"):
-        a, b = getattr(buffer, name), getattr(restored, name)
-        assert a.dtype == b.dtype
-        np.testing.assert_array_equal(a, b)
-    assert restored.seen == buffer.seen and restored.size == buffer.size
+    restored = dc.ReservoirMemory(20, (3, 3, 1), 4, 4)
+    restored.restore(dict(np.load(blob)))
+    for name, value in restored.state().items():
+        assert value.dtype == arrays[name].dtype
+        np.testing.assert_array_equal(value, arrays[name], err_msg=name)
     # The two continue identically (same keyed draws), and sample the same batches.
     for step in range(12, 20):
-        offer(buffer, step, 4)
+        offer(memory, step, 4)
         offer(restored, step, 4)
-    for name in ("examples", "labels", "logits", "policy_logits", "filled"):
-        np.testing.assert_array_equal(getattr(buffer, name), getattr(restored, name))
-    a, b = buffer.sample(8, dc.keyed_rng(4)), restored.sample(8, dc.keyed_rng(4))
+    a, b = memory.sample(8, _seed(4)), restored.sample(8, _seed(4))
     for name in a:
-        np.testing.assert_array_equal(a[name], b[name])
-    assert a["examples"].dtype == np.uint8  # stored as given: no conversion
-    with pytest.raises(ValueError):
-        dc.ReservoirBuffer.from_state({**meta, "format": 99}, loaded)
+        np.testing.assert_array_equal(a[name].numpy(), b[name].numpy(), err_msg=name)
+    with pytest.raises(ValueError, match="shape"):
+        dc.ReservoirMemory(21, (3, 3, 1), 4, 4).restore(arrays)
 
 
-def test_keyed_randomness_is_reproducible():
-    assert dc.keyed_rng(1, 2, 3).integers(1 << 30) == dc.keyed_rng(1, 2, 3).integers(1 << 30)
-    assert dc.keyed_rng(1, 2, 3).integers(1 << 30) != dc.keyed_rng(1, 2, 4).integers(1 << 30)
-    seed = dc.stateless_seed(7, 0, 1)
-    assert seed.shape == (2,) and seed.dtype == np.int64
-    np.testing.assert_array_equal(seed, dc.stateless_seed(7, 0, 1))
+def test_step_seeds_are_keyed():
+    a = dc.step_seed(7, 1, 5, dc.STREAM_GATES).numpy()
+    assert a.shape == (2,)
+    np.testing.assert_array_equal(a, dc.step_seed(7, 1, 5, dc.STREAM_GATES).numpy())
+    for other in (dc.step_seed(8, 1, 5, dc.STREAM_GATES), dc.step_seed(7, 2, 5, dc.STREAM_GATES),
+                  dc.step_seed(7, 1, 6, dc.STREAM_GATES), dc.step_seed(7, 1, 5, dc.STREAM_BUFFER_ADD)):
+        assert not np.array_equal(a, other.numpy())
 
 
 # --------------------------------------------------------------------- losses

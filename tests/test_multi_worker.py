@@ -135,6 +135,7 @@ def _checkpoints(workdir):
     return sorted(p.name for p in ckpt.iterdir()) if ckpt.is_dir() else []
 
 
+@pytest.mark.slow
 def test_a_killed_worker_stops_the_chief_with_one_line_and_both_resume(tmp_path):
     """Worker 1 is killed mid-run: the chief stops within the heartbeat timeout with one
     line, its checkpoints intact; both restarted with --resume finish the run, in step,

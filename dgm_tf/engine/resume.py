@@ -29,6 +29,10 @@ RESUME_MAY_CHANGE = frozenset({"log_every_steps", "keep_checkpoints", "distribut
 ADDED_AFTER_RUNS = frozenset({
     "restore_best", "nispa_network", "nispa_heads", "replay_buffer", "nispa_density", "nispa_hidden",
     "nispa_phase_epochs", "nispa_lr", "nispa_k", "nispa_a_f", "nispa_min_phases",
+    # The Dynamos flags change only --method=dynamos, likewise.
+    "dynamos_buffer_batch", "dynamos_lr", "dynamos_alpha", "dynamos_beta", "dynamos_policy_alpha",
+    "dynamos_policy_penalty", "dynamos_reward_weight", "dynamos_prototype_weight", "dynamos_keep_ratio",
+    "dynamos_nf", "dynamos_warmup",
 })
 
 

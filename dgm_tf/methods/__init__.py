@@ -5,6 +5,7 @@ from __future__ import annotations
 from dgm_tf.config import Config, ConfigError
 from dgm_tf.methods.base import ContinualMethod
 from dgm_tf.methods.dgm import DGMa, DGMw
+from dgm_tf.methods.dynamos import Dynamos
 from dgm_tf.methods.finetune import FineTune
 from dgm_tf.methods.joint import Joint
 from dgm_tf.methods.mas import MAS
@@ -17,6 +18,7 @@ METHODS: dict[str, type[ContinualMethod]] = {
     "joint": Joint,
     "mas": MAS,
     "nispa": NISPA,
+    "dynamos": Dynamos,
 }
 
 
@@ -29,4 +31,4 @@ def make_method(config: Config, scenario) -> ContinualMethod:
     return cls(config, scenario)
 
 
-__all__ = ["METHODS", "ContinualMethod", "DGMa", "DGMw", "NISPA", "make_method"]
+__all__ = ["METHODS", "ContinualMethod", "DGMa", "DGMw", "Dynamos", "NISPA", "make_method"]

@@ -27,9 +27,9 @@ of the batch and does not split into replica shares: under N replicas it must se
 global batch's policy logits (``ReplicaContext.all_gather``) and enter the loss through
 ``dgm_tf.replica.batch_free``; with one replica it is the plain value.
 
-All randomness of the buffer comes from an explicit ``numpy.random.Generator``
-(``keyed_rng(seed, task, epoch, step, stream)`` gives one per step without any state
-to checkpoint); the gates draw from a stateless seed (``stateless_seed``).
+Every random draw (reservoir slots, replay samples, gate actions) is stateless, seeded
+by ``step_seed(seed, task, step, stream)``: nothing random needs checkpointing and all
+replicas draw the same numbers.
 """
 
 from __future__ import annotations
@@ -48,10 +48,11 @@ POLICY_PENALTY = -500.0
 # Ungated warm-up: "no actions for first 10 epochs/iterations" (utils/args.py --warmup;
 # utils/policy_training.py ``train``: ``set_warmup(epoch < 10)`` or ``set_warmup(i < 10)``).
 WARMUP = 10
-# Streams of keyed_rng within one step.
+# Streams of step_seed within one step.
 STREAM_BUFFER_SAMPLE = 0
 STREAM_BUFFER_ADD = 1
 STREAM_GATES = 2
+STREAM_BUFFER_GATES = 3
 
 
 # ------------------------------------------------------------------ hyperparameters
@@ -241,168 +242,151 @@ def logit_replay_mse(outputs, stored, widths=None) -> tf.Tensor:
         return tf.reduce_mean(tf.square(outputs - stored), axis=1)
     widths = tf.cast(tf.reshape(widths, [-1]), tf.int32)
     valid = tf.cast(tf.range(k)[None, :] < widths[:, None], tf.float32)
-    return tf.reduce_sum(tf.square(outputs - stored) * valid, axis=1) / tf.cast(widths, tf.float32)
-
-
-# ------------------------------------------------------------------ randomness
-
-def keyed_rng(*keys: int) -> np.random.Generator:
-    """A numpy Generator determined by non-negative integer keys, e.g.
-    ``keyed_rng(seed, task, epoch, step, STREAM_BUFFER_ADD)``: a resumed run draws the
-    same numbers without checkpointing a generator state."""
-    return np.random.default_rng(np.random.SeedSequence([int(k) for k in keys]))
-
-
-def stateless_seed(*keys: int) -> np.ndarray:
-    """A shape-[2] int64 seed for ``tf.random.stateless_*`` from the same keys."""
-    return np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32).astype(np.int64)
+    # An empty slot (width 0, drawn before the buffer fills; its term has weight 0) gives
+    # 0, not 0/0: a NaN would poison the gradient even with weight 0.
+    return tf.reduce_sum(tf.square(outputs - stored) * valid, axis=1) / tf.cast(tf.maximum(widths, 1), tf.float32)
 
 
 # ----------------------------------------------------------------------- buffer
 
-def reservoir_slots(seen: int, count: int, size: int, rng: np.random.Generator) -> np.ndarray:
+def step_seed(seed: int, task, key, stream: int) -> tf.Tensor:
+    """A shape-[2] int64 seed for ``tf.random.stateless_*``, a pure function of the run's
+    seed, the task, a step key (``DynamosTrainer``: the step's index within the task) and
+    a stream number: a resumed run draws what the uninterrupted one drew, with no
+    generator state to checkpoint, and every replica draws the same numbers."""
+    base = tf.stack([tf.constant(int(seed), tf.int64), tf.cast(task, tf.int64)])
+    keyed = tf.random.experimental.stateless_fold_in(base, tf.cast(key, tf.int64))
+    return tf.random.experimental.stateless_fold_in(keyed, int(stream))
+
+
+def reservoir_slots(seen, count, size: int, seed) -> tf.Tensor:
     """Slots for the next ``count`` stream items when ``seen`` came before: Algorithm R.
 
-    Item number s (0-based, s = seen, seen + 1, ...) takes slot s while s < size;
-    afterwards j ~ U{0..s} and it takes slot j if j < size, else none (-1), so every
-    item of the stream is in the reservoir with probability size / (items so far).
-    Follows utils/buffer.py, ``reservoir`` (``np.random.randint(0, seen + 1)``); the
-    draws come from ``rng``, one per item past the filling phase, in stream order.
+    Item number s (0-based) takes slot s while s < size; afterwards j ~ U{0..s} and it
+    takes slot j if j < size, else none (-1), so every item of the stream is in the
+    reservoir with probability size / (items so far). Follows utils/buffer.py,
+    ``reservoir`` (``np.random.randint(0, seen + 1)``); the draws are stateless
+    (``seed``), one per item, in float64 so that j is uniform for any stream length
+    this class can see.
     """
-    stream = seen + np.arange(count, dtype=np.int64)
-    slots = stream.copy()
-    late = stream >= size
-    if late.any():
-        draws = rng.integers(0, stream[late] + 1)
-        slots[late] = np.where(draws < size, draws, -1)
-    return slots
+    stream = tf.cast(seen, tf.int64) + tf.range(tf.cast(count, tf.int64), dtype=tf.int64)
+    u = tf.random.stateless_uniform(tf.shape(stream), seed, dtype=tf.float64)
+    draws = tf.minimum(tf.cast(tf.floor(u * tf.cast(stream + 1, tf.float64)), tf.int64), stream)
+    late = tf.where(draws < size, draws, tf.constant(-1, tf.int64))
+    return tf.where(stream < size, stream, late)
 
 
-class ReservoirBuffer:
-    """Reservoir buffer of correctly classified samples (Dynamos's rehearsal memory).
+class ReservoirMemory:
+    """Dynamos's rehearsal buffer as TensorFlow variables, updated inside the training step.
 
     For each incoming sample the seen count advances and ``reservoir_slots`` draws its
-    slot; the sample is written there only if ``argmax(logits) == label`` at that
-    moment (``add_if_correct``). A slot holds the unaugmented input, the label, the
-    logits (padded with zeros to the widest seen; ``logit_widths`` keeps each row's
-    width) and the policy logits. Follows utils/buffer.py, ``Buffer`` with
-    ``policy=True, add_if_correct=True`` (models/dynamos.py). Departure: the reference
-    samples replay batches from the first ``min(seen, size)`` slots, including slots
-    whose filling-phase sample was misclassified and which still hold zeros (an
-    all-zero image with label 0); here ``filled`` marks written slots and only those
-    are sampled.
+    slot; the sample is written there only if ``argmax(logits) == label`` at that moment
+    (add-if-correct); within a batch a later sample wins a slot two samples drew. A slot
+    holds the unaugmented input, the label, the logits (padded with zeros to
+    ``num_classes``; ``widths`` keeps each row's width, the head's when it was stored)
+    and the policy logits. Follows utils/buffer.py, ``Buffer`` with ``policy=True,
+    add_if_correct=True`` (models/dynamos.py).
 
-    Arrays are created at the first ``add`` (shape and dtype of its inputs). ``state()``
-    returns (JSON-able dict, arrays) and ``from_state`` rebuilds the exact buffer.
+    Departure: the reference samples replay batches from the first ``min(seen, size)``
+    slots, including slots whose fill-phase sample was misclassified and which still
+    hold zeros (an all-zero image of label 0); here ``filled`` marks written slots and
+    only those are sampled.
+
+    Why variables: the buffer is read (``sample``) and written (``add``) by every step,
+    so it lives in the traced step; under a strategy every replica holds the same buffer
+    and applies the same update (the global batch, the same stateless draws), and the
+    variables aggregate ONLY_FIRST_REPLICA, so the writes need no communication.
 
     Example:
-        >>> buffer = ReservoirBuffer(500)
-        >>> buffer.add(x, y, logits, policy_logits, keyed_rng(seed, task, epoch, step, STREAM_BUFFER_ADD))
-        >>> batch = buffer.sample(10, keyed_rng(seed, task, epoch, step, STREAM_BUFFER_SAMPLE))
+        >>> memory = ReservoirMemory(500, (32, 32, 1), num_classes=10, policy_width=256)
+        >>> slots = memory.add(x, y, logits, policy_logits, seed)  # -1: not written
+        >>> batch = memory.sample(10, seed)  # dict, "valid" marks filled slots
     """
 
-    FORMAT = 1
-
-    def __init__(self, size: int):
+    def __init__(self, size: int, example_shape, num_classes: int, policy_width: int):
         self.size = int(size)
         if self.size < 1:
             raise ValueError(f"buffer size must be >= 1, got {size}")
-        self.seen = 0
-        self.filled = np.zeros(self.size, bool)
-        self.examples = None
-        self.labels = None
-        self.logits = None
-        self.logit_widths = None
-        self.policy_logits = None
+        self.example_shape = tuple(int(d) for d in example_shape)
+        self.num_classes = int(num_classes)
+        self.policy_width = int(policy_width)
 
-    def __len__(self) -> int:
-        return int(self.filled.sum())
+        def variable(shape, dtype, name):
+            return tf.Variable(tf.zeros(shape, dtype), trainable=False, name=f"dynamos_buffer/{name}",
+                               aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+        self.examples = variable((self.size,) + self.example_shape, tf.float32, "examples")
+        self.labels = variable((self.size,), tf.int64, "labels")
+        self.logits = variable((self.size, self.num_classes), tf.float32, "logits")
+        self.widths = variable((self.size,), tf.int64, "widths")
+        self.policy_logits = variable((self.size, self.policy_width), tf.float32, "policy_logits")
+        self.filled = variable((self.size,), tf.bool, "filled")
+        self.seen = variable((), tf.int64, "seen")
+
+    @property
+    def variables(self) -> dict[str, tf.Variable]:
+        return {"examples": self.examples, "labels": self.labels, "logits": self.logits, "widths": self.widths,
+                "policy_logits": self.policy_logits, "filled": self.filled, "seen": self.seen}
 
     @property
     def nbytes(self) -> int:
-        arrays = (self.examples, self.labels, self.logits, self.logit_widths, self.policy_logits, self.filled)
-        return int(sum(a.nbytes for a in arrays if a is not None))
+        return int(sum(v.shape.num_elements() * v.dtype.size for v in self.variables.values()))
 
-    def _init_arrays(self, examples: np.ndarray, policy_logits: np.ndarray) -> None:
-        self.examples = np.zeros((self.size,) + examples.shape[1:], examples.dtype)
-        self.labels = np.zeros(self.size, np.int64)
-        self.logits = np.zeros((self.size, 0), np.float32)
-        self.logit_widths = np.zeros(self.size, np.int64)
-        self.policy_logits = np.zeros((self.size,) + policy_logits.shape[1:], np.float32)
+    def count(self) -> tf.Tensor:
+        """Filled slots (int64)."""
+        return tf.reduce_sum(tf.cast(self.filled, tf.int64))
 
-    def add(self, examples, labels, logits, policy_logits, rng: np.random.Generator) -> np.ndarray:
-        """Offer a batch in stream order; returns the slot written per sample (-1: none)."""
-        examples = np.asarray(examples)
-        labels = np.asarray(labels).reshape(-1).astype(np.int64)
-        logits = np.asarray(logits, np.float32)
-        policy_logits = np.asarray(policy_logits, np.float32)
-        n = examples.shape[0]
-        if not (labels.shape[0] == logits.shape[0] == policy_logits.shape[0] == n) or logits.ndim != 2:
-            raise ValueError("add: examples, labels, logits [N, classes] and policy_logits need the same N")
-        if self.examples is None:
-            self._init_arrays(examples, policy_logits)
-        if examples.shape[1:] != self.examples.shape[1:] or policy_logits.shape[1:] != self.policy_logits.shape[1:]:
-            raise ValueError(f"add: samples of shape {examples.shape[1:]} / policy logits {policy_logits.shape[1:]} "
-                             f"do not match the buffer's {self.examples.shape[1:]} / {self.policy_logits.shape[1:]}")
-        if logits.shape[1] > self.logits.shape[1]:  # the head grew: pad every stored row with zeros
-            self.logits = np.pad(self.logits, [(0, 0), (0, logits.shape[1] - self.logits.shape[1])])
-        slots = reservoir_slots(self.seen, n, self.size, rng)
-        self.seen += n
-        correct = np.argmax(logits, axis=1) == labels
-        written = np.where(correct, slots, -1)
-        for i in np.flatnonzero(written >= 0):  # in stream order: a later item wins a slot
-            slot = written[i]
-            self.examples[slot] = examples[i]
-            self.labels[slot] = labels[i]
-            self.logits[slot] = 0.0
-            self.logits[slot, : logits.shape[1]] = logits[i]
-            self.logit_widths[slot] = logits.shape[1]
-            self.policy_logits[slot] = policy_logits[i]
-            self.filled[slot] = True
-        return written
+    def add(self, examples, labels, logits, policy_logits, seed, enabled=True) -> tf.Tensor:
+        """Offer a batch in stream order; returns the slot written per sample (-1: none).
+        ``enabled`` False (a traced boolean may be given) offers nothing and leaves the
+        seen count as it is (the reference does not call ``add_data`` in warm-up)."""
+        examples = tf.convert_to_tensor(examples, tf.float32)
+        labels = tf.cast(tf.reshape(labels, [-1]), tf.int64)
+        logits = tf.convert_to_tensor(logits, tf.float32)
+        policy_logits = tf.convert_to_tensor(policy_logits, tf.float32)
+        n = tf.shape(labels)[0]
+        width = tf.shape(logits)[1]
+        enabled = tf.convert_to_tensor(enabled, tf.bool)
+        slots = reservoir_slots(self.seen, n, self.size, seed)
+        write = enabled & correct_predictions(logits, labels) & (slots >= 0)
+        # A later sample of the batch that writes the same slot wins it.
+        later = tf.linalg.band_part(tf.ones([n, n], tf.bool), 0, -1) & ~tf.eye(n, dtype=tf.bool)
+        overwritten = tf.reduce_any(later & tf.equal(slots[:, None], slots[None, :]) & write[None, :], axis=1)
+        keep = write & ~overwritten
+        rows = tf.where(keep)[:, 0]
+        index = tf.gather(slots, rows)[:, None]
 
-    def sample(self, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """``min(batch_size, len(self))`` distinct filled slots drawn uniformly: dict of
-        ``examples, labels, logits, logit_widths, policy_logits, slots`` (empty arrays
-        when the buffer is empty; the reference's ``get_data`` without replacement)."""
-        if self.examples is None:
-            raise ValueError("sample: the buffer has never been offered a sample")
-        candidates = np.flatnonzero(self.filled)
-        take = min(int(batch_size), candidates.size)
-        slots = rng.choice(candidates, size=take, replace=False) if take else np.zeros(0, np.int64)
-        return {
-            "examples": self.examples[slots],
-            "labels": self.labels[slots],
-            "logits": self.logits[slots],
-            "logit_widths": self.logit_widths[slots],
-            "policy_logits": self.policy_logits[slots],
-            "slots": slots.astype(np.int64),
-        }
+        def put(variable, values):
+            variable.assign(tf.tensor_scatter_nd_update(variable, index, tf.gather(values, rows)))
 
-    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
-        """(JSON-able metadata, arrays) for a checkpoint; ``from_state`` inverts it."""
-        meta = {"format": self.FORMAT, "size": self.size, "seen": self.seen,
-                "initialised": self.examples is not None}
-        arrays = {"filled": self.filled.copy()}
-        if self.examples is not None:
-            arrays.update(examples=self.examples.copy(), labels=self.labels.copy(), logits=self.logits.copy(),
-                          logit_widths=self.logit_widths.copy(), policy_logits=self.policy_logits.copy())
-        return meta, arrays
+        put(self.examples, examples)
+        put(self.labels, labels)
+        put(self.logits, tf.pad(logits, [[0, 0], [0, self.num_classes - width]]))
+        put(self.widths, tf.fill([n], tf.cast(width, tf.int64)))
+        put(self.policy_logits, policy_logits)
+        put(self.filled, tf.ones([n], tf.bool))
+        self.seen.assign_add(tf.where(enabled, tf.cast(n, tf.int64), tf.constant(0, tf.int64)))
+        return tf.where(keep, slots, tf.constant(-1, tf.int64))
 
-    @classmethod
-    def from_state(cls, meta: dict, arrays: dict[str, np.ndarray]) -> "ReservoirBuffer":
-        if meta.get("format") != cls.FORMAT:
-            raise ValueError(f"buffer state format {meta.get('format')!r} is not {cls.FORMAT}")
-        buffer = cls(meta["size"])
-        buffer.seen = int(meta["seen"])
-        filled = np.asarray(arrays["filled"], bool)
-        if filled.shape != (buffer.size,):
-            raise ValueError(f"buffer state: 'filled' has shape {filled.shape}, expected ({buffer.size},)")
-        buffer.filled = filled.copy()
-        if meta["initialised"]:
-            for name in ("examples", "labels", "logits", "logit_widths", "policy_logits"):
-                value = np.asarray(arrays[name]).copy()
-                if value.shape[0] != buffer.size:
-                    raise ValueError(f"buffer state: {name!r} has {value.shape[0]} rows, expected {buffer.size}")
-                setattr(buffer, name, value)
-        return buffer
+    def sample(self, batch_size: int, seed) -> dict[str, tf.Tensor]:
+        """``batch_size`` distinct slots drawn uniformly among the filled ones (the
+        reference's ``get_data``, without replacement): a dict of ``examples, labels,
+        logits, widths, policy_logits, slots`` and ``valid`` (False for rows beyond the
+        filled count, which then come from empty slots). Needs ``batch_size <= size``."""
+        keys = tf.where(self.filled, tf.random.stateless_uniform([self.size], seed), -1.0)
+        _, slots = tf.math.top_k(keys, k=int(batch_size))
+        out = {name: tf.gather(v, slots) for name, v in self.variables.items() if name not in ("filled", "seen")}
+        out["valid"] = tf.gather(self.filled, slots)
+        out["slots"] = tf.cast(slots, tf.int64)
+        return out
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Every variable's value, for a checkpoint (``restore`` inverts it)."""
+        return {name: v.numpy() for name, v in self.variables.items()}
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> None:
+        for name, v in self.variables.items():
+            value = np.asarray(arrays[name])
+            if tuple(value.shape) != tuple(v.shape):
+                raise ValueError(f"buffer state: {name!r} has shape {value.shape}, expected {tuple(v.shape)}")
+            v.assign(value)
