@@ -1,11 +1,10 @@
 """One run on one device and the same run under MirroredStrategy on 2 logical CPUs.
 
-    python tests/distribute_driver.py <out dir> <method> [switch | clip]
+    python tests/distribute_driver.py <out dir> <method> [switch]
 
 Writes <out dir>/none and <out dir>/mirrored (for tests/test_distribute.py); with
 ``switch`` instead <out dir>/none and <out dir>/switched: a one-device run stopped after
-its first task and resumed under MirroredStrategy; with ``clip`` (DGM) two steps of one
-task with a generator clip that binds. The CPU is split before TensorFlow
+its first task and resumed under MirroredStrategy. The CPU is split before TensorFlow
 initialises its devices, so this must be its own process.
 """
 
@@ -61,18 +60,10 @@ def stopped_after_first_task(config, workdir):
         loop._run_task = original
 
 
-# Two steps of one task, the generator's gradients clipped to norm 1e-3 (the reference's
-# 1e4 never binds at these sizes): clipping each replica's share instead of the summed
-# gradient shows here, before mask binarisation and later tasks blur it.
-CLIP = dict(class_order=(1,), epochs=1, clip_norm=1e-3)
-
-
 if __name__ == "__main__":
     out, method = pathlib.Path(sys.argv[1]), sys.argv[2]
     switch = sys.argv[3:] == ["switch"]
     flags = dict(TINY, **{"dgmw": DGM, "dgma": DGM, "nispa": NISPA, "dynamos": DYNAMOS}.get(method, {}))
-    if sys.argv[3:] == ["clip"]:
-        flags.update(CLIP)
     for distribution in ("none", "mirrored"):
         config = Config(method=method, distribution=distribution, **flags)
         if not switch:

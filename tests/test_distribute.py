@@ -51,7 +51,7 @@ def _driver(tmp_path, method, *extra):
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {d: tmp_path / d for d in ("none", "switched" if extra == ("switch",) else "mirrored")}
+    return {d: tmp_path / d for d in ("none", "switched" if extra else "mirrored")}
 
 
 def _train_scalars(workdir):
@@ -123,10 +123,7 @@ DGM_WEIGHT_MAX = 1e-2
 DGM_RESERVED_FLIPS = 1e-3  # share of reserved entries allowed to differ
 
 
-# Both slow (88 s for DGMw on a 2-core Xeon): the default run keeps the clip test below,
-# which runs DGMw's replay, WGAN-GP, clipping and masks on 2 replicas in a third of it.
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["dgmw", "dgma"])
+@pytest.mark.parametrize("method", ["dgmw", pytest.param("dgma", marks=pytest.mark.slow)])
 def test_mirrored_dgm_on_two_devices_matches_one_device(tmp_path, method):
     """Replay chunks, WGAN-GP, generator clipping, task masks, growth (task 2 grows
     the generator): the same losses and, but for a mask entry at the threshold, the
@@ -153,19 +150,6 @@ def test_mirrored_dgm_on_two_devices_matches_one_device(tmp_path, method):
         assert tags, (name, sorted(logs["none"]))
         for tag in tags:
             np.testing.assert_allclose(logs["mirrored"][tag], logs["none"][tag], rtol=1e-3, atol=1e-4, err_msg=tag)
-
-
-def test_mirrored_dgm_clips_the_summed_generator_gradient(tmp_path):
-    """With a clip that binds (norm 1e-3), two DGMw steps on 2 replicas move the
-    generator as one device does: the clip acts on the summed gradient, not on each
-    replica's share (which the reference's clip of 1e4 would never reveal)."""
-    runs = _driver(tmp_path, "dgmw", "clip")
-    one, two = _final_arrays(runs["none"]), _final_arrays(runs["mirrored"])
-    weights = [k for k in one if k.startswith("generator/") and one[k].size > 1]
-    assert len(weights) > 5
-    worst = max(float(np.max(np.abs(one[k] - two[k]))) for k in weights)
-    print(f"clipped generator steps, one device vs 2 replicas: {worst:.2e}")
-    assert worst < WEIGHT_ATOL, worst
 
 
 def test_a_dynamos_step_on_two_replicas_is_one_devices_step(tmp_path):

@@ -331,7 +331,7 @@ def test_cli_run_writes_class_il_and_task_aware_accuracy(cli_runs, heads):
 
 
 def test_nispa_flags_are_validated_with_one_line_naming_the_flag():
-    with pytest.raises(ConfigError, match="^--replay_buffer: applies to --method=nispa --nispa_heads=single"):
+    with pytest.raises(ConfigError, match="^--replay_buffer: applies to --method=dynamos and to --method=nispa --nispa_heads=single"):
         Config(method="nispa", replay_buffer=100)
     with pytest.raises(ConfigError, match="^--replay_buffer: applies"):
         Config(method="mas", replay_buffer=100)
