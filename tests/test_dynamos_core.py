@@ -220,6 +220,25 @@ def test_policy_loss_on_hand_computed_values():
     np.testing.assert_allclose(tf.reduce_mean(per_sample).numpy(), matrix.mean(), rtol=1e-5)
 
 
+def test_log_prob_is_clamped_as_torch_bernoulli_clamps_p():
+    # torch.distributions.Bernoulli(probs).log_prob clamps p to [eps, 1 - eps] (eps =
+    # 2^-23): log pi of a channel never falls below log(eps) = -15.94, and a gate
+    # saturated past the clamp gets no gradient. Unclamped, log_sigmoid(-100 / 0.15)
+    # would be -666.7 with gradient -1 / 0.15 per unit.
+    z = tf.constant([[100.0, -100.0, 1.0, 0.0]])
+    actions = tf.constant([[0.0, 1.0, 1.0, 0.0]])
+    with tf.GradientTape() as tape:
+        tape.watch(z)
+        log_pi = dc.bernoulli_log_prob(z, actions)
+        total = tf.reduce_sum(log_pi)
+    grad = tape.gradient(total, z).numpy()
+    eps = 2.0 ** -23
+    np.testing.assert_allclose(log_pi.numpy()[0, :2], [math.log(eps)] * 2, rtol=1e-5)
+    np.testing.assert_allclose(log_pi.numpy()[0, 2:], [math.log(1 / (1 + math.exp(-1 / T))), math.log(0.5)], rtol=1e-6)
+    assert grad[0, 0] == 0.0 and grad[0, 1] == 0.0
+    np.testing.assert_allclose(grad[0, 3], -0.5 / T, rtol=1e-6)  # d log(1 - p) / dz at p = 0.5
+
+
 def test_policy_loss_gradient_reaches_logits_only_through_log_pi():
     z = tf.Variable([[0.1, -0.2, 0.3, 0.05]])
     actions = tf.constant([[1.0, 0.0, 1.0, 0.0]])

@@ -139,14 +139,24 @@ def correct_predictions(class_logits, labels) -> tf.Tensor:
     return tf.equal(tf.argmax(class_logits, axis=-1, output_type=tf.int64), labels)
 
 
+# PyTorch's Bernoulli(probs) clamps p to [eps, 1 - eps], eps = float32's machine epsilon
+# (torch.distributions.utils.clamp_probs), before taking log p: log pi of a channel is
+# bounded below by log(eps) = -15.94 and a saturated gate gets no gradient. In logit
+# units the clamp is |z / T| <= log((1 - eps) / eps).
+TORCH_FLOAT32_EPS = 1.1920928955078125e-07
+LOGIT_CLAMP = float(np.log((1.0 - TORCH_FLOAT32_EPS) / TORCH_FLOAT32_EPS))
+
+
 def bernoulli_log_prob(policy_logits, actions, temperature: float = TEMPERATURE) -> tf.Tensor:
-    """log pi(action) per channel, with p = sigmoid(policy_logits / temperature).
+    """log pi(action) per channel, with p = sigmoid(policy_logits / temperature), as the
+    reference's ``Bernoulli(p).log_prob`` (backbone/GatedResNet.py ``Agent.forward``)
+    computes it: p clamped to [eps, 1 - eps] first (``LOGIT_CLAMP``), so a saturated
+    gate's log-probability stops at -15.94 and passes no gradient.
 
     log p = log_sigmoid(z / T) for a kept channel, log (1 - p) = log_sigmoid(-z / T) for
-    a dropped one: stable where p saturates (the reference evaluates
-    ``Bernoulli(p).log_prob``, backbone/GatedResNet.py ``Agent.forward``).
+    a dropped one, on the clamped z / T (stable where p saturates).
     """
-    z = tf.cast(policy_logits, tf.float32) / temperature
+    z = tf.clip_by_value(tf.cast(policy_logits, tf.float32) / temperature, -LOGIT_CLAMP, LOGIT_CLAMP)
     actions = tf.cast(actions, tf.float32)
     return actions * tf.math.log_sigmoid(z) + (1.0 - actions) * tf.math.log_sigmoid(-z)
 
