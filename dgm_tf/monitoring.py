@@ -196,7 +196,10 @@ class MonitorCallback(keras.callbacks.Callback):
             for layer, values in self.method.mask_values().items():
                 tf.summary.histogram(f"{self.prefix}/masks/{layer}", values.ravel(), buckets=20)
             cfg = m.config
-            last = epoch == cfg.epochs - 1
+            # A method that decides a task's length (NISPA's phases) has no known last
+            # epoch: its end-of-task images are refreshed at every evaluation epoch.
+            own_length = self.method.max_task_epochs(self.task) is not None
+            last = epoch == cfg.epochs - 1 or (own_length and epoch % cfg.eval_every == 0)
             if epoch % cfg.eval_every == 0 or last:
                 grid = sample_grid(self.method, m.scenario, self.task.index, cfg.samples_per_class,
                                    seed=cfg.seed + 7919 * (self.task.index + 1))

@@ -328,6 +328,13 @@ def test_cli_run_writes_class_il_and_task_aware_accuracy(cli_runs, heads):
     else:
         assert [s["buffer"] for s in states] == [8, 8]  # 4 then 2 images of each seen class
         assert not (workdir / "export").exists()
+        # The stored images reach TensorBoard although NISPA's last epoch is not known
+        # in advance (written at every evaluation epoch).
+        from tensorboard.backend.event_processing import event_accumulator as ea
+
+        acc = ea.EventAccumulator(str(workdir / "tb"), size_guidance={ea.TENSORS: 0})
+        acc.Reload()
+        assert "task_2/real_vs_replay" in acc.Tags()["tensors"]
 
 
 def test_nispa_flags_are_validated_with_one_line_naming_the_flag():
