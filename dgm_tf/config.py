@@ -30,6 +30,10 @@ CLASSIFIERS = ("dgm", "cnn")
 PRECISIONS = ("float32", "mixed_bfloat16")
 # --distribution: TensorFlow's own strategies (dgm_tf/engine/distribute.py).
 DISTRIBUTIONS = ("none", "mirrored", "multi_worker")
+# DGM's critic/classifier network: "dcgan" (the reference's MNIST/SVHN netD, three 5x5
+# convolutions at --ndf) or "resnet18" (its ImageNet netD: a ResNet-18 trunk, 2048
+# features; dgm_tf/models/resnet_critic.py).
+CRITICS = ("dcgan", "resnet18")
 
 
 class ConfigError(ValueError):
@@ -73,6 +77,7 @@ class Config:
     # tf.distribute strategy (DISTRIBUTIONS): "none" (one device), "mirrored" (every
     # device of this host, synchronous), "multi_worker" (hosts from TF_CONFIG).
     distribution: str = "none"
+    critic: str = "dcgan"  # see CRITICS (DGM methods only)
 
     # Networks (reference MNIST DGMw).
     nz: int = 128
@@ -222,6 +227,12 @@ def validate(c: Config) -> None:
     _require(c.mas_lambda >= 0, "mas_lambda", f"must be >= 0, got {c.mas_lambda}")
     _validate_nispa(c)
     _validate_dynamos(c)
+    _require(c.critic in CRITICS, "critic", f"unknown critic {c.critic!r}; choose one of {', '.join(CRITICS)}")
+    _require(
+        c.critic == "dcgan" or c.method in DGM_METHODS,
+        "critic",
+        f"the critic is DGM's discriminator; --critic={c.critic} does not apply to --method={c.method}",
+    )
     _require(bool(c.dataset), "dataset", "must not be empty (e.g. embedded, idx:/path/to/dir)")
     _require(c.channels in (0, 1, 3), "channels", f"must be 0 (as stored), 1 or 3, got {c.channels}")
     _require(0.0 < c.test_fraction < 1.0, "test_fraction", f"must be in (0, 1), got {c.test_fraction}")

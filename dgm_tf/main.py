@@ -65,7 +65,9 @@ flags.DEFINE_string("distribution", _D.distribution,
                   "--batch_size stays the global batch), multi_worker (hosts listed in TF_CONFIG).")
 flags.DEFINE_integer("nz", _D.nz, "Noise size of the generator (its first entries carry the class code).")
 flags.DEFINE_integer("ngf", _D.ngf, "Generator width: the masked layers start at 4·ngf, 2·ngf, ngf channels.")
-flags.DEFINE_integer("ndf", _D.ndf, "Discriminator width: ndf, 2·ndf, 4·ndf channels.")
+flags.DEFINE_integer("ndf", _D.ndf, "Discriminator width: ndf, 2·ndf, 4·ndf channels (--critic=dcgan).")
+flags.DEFINE_string("critic", _D.critic, "DGM's discriminator: dcgan (the reference's MNIST/SVHN critic, width --ndf) "
+                    "or resnet18 (its ImageNet critic: ResNet-18 trunk, 2048 features).")
 flags.DEFINE_float("lr", None, "Learning rate of both networks: sets --lr_d and --lr_g unless one of them comes "
                    "after it (on the command line or in a flagfile), in which case that one wins.")
 flags.DEFINE_float("lr_d", _D.lr_d, "Discriminator/classifier learning rate (Adam).")

@@ -136,6 +136,7 @@ def test_imagenet_config_picks_the_reference_synsets(tmp_path):
     reference = [ordered[i + 100 * t] for t in range(10) for i in (1, 15, 29, 45, 59, 65, 81, 89, 90, 99)]
     assert synsets == reference
     assert synsets[0] == "n01443537"  # goldfish, ILSVRC class 1
+    assert config.critic == "resnet18"  # the reference's ImageNet netD (networks/net_DGMw_imnet.py)
 
 
 def test_random_class_order_is_seeded_and_identical_through_select(tmp_path):

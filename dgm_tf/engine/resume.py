@@ -33,6 +33,8 @@ ADDED_AFTER_RUNS = frozenset({
     "dynamos_buffer_batch", "dynamos_lr", "dynamos_alpha", "dynamos_beta", "dynamos_policy_alpha",
     "dynamos_policy_penalty", "dynamos_reward_weight", "dynamos_prototype_weight", "dynamos_keep_ratio",
     "dynamos_nf", "dynamos_warmup",
+    # --critic: runs before it had the only critic there was, its default.
+    "critic",
 })
 
 

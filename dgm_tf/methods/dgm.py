@@ -33,6 +33,7 @@ from dgm_tf.config import Config
 from dgm_tf.data import Scenario, TaskData
 from dgm_tf.methods.base import ContinualMethod, assign_weights, copy_weights, epoch_pipeline, fit_epochs
 from dgm_tf.models import Discriminator, Generator, activation_growth_channels, growth_channels
+from dgm_tf.models.resnet_critic import ResNet18Critic
 from dgm_tf.replica import (
     batch_free, global_mean, local_share, replica_sum, replicas, shared_draw, update_weighted_mean,
 )
@@ -534,8 +535,10 @@ class DGM(ContinualMethod):
             dtype=cfg.precision,
         )
 
-    def _new_discriminator(self, num_classes: int) -> Discriminator:
+    def _new_discriminator(self, num_classes: int) -> Discriminator | ResNet18Critic:
         cfg = self.config
+        if cfg.critic == "resnet18":
+            return ResNet18Critic(num_classes, self.image_channels, name="discriminator", dtype=cfg.precision)
         return Discriminator(cfg.ndf, num_classes, self.image_channels, name="discriminator", dtype=cfg.precision)
 
     def _set_classifier(self) -> None:
