@@ -11,6 +11,28 @@ import tensorflow as tf
 from dgm_tf.models import Generator
 
 
+def mock_labelled_tfds(per_class_train: int, per_class_test: int):
+    """``tfds.testing.mock_data`` whose ``as_dataset`` yields every class of the builder,
+    ``per_class_train`` (train split) or ``per_class_test`` images each, pixels around
+    25 x label plus noise, so classes differ; PNG-encoded when the reader asks for
+    ``SkipDecoding``. For the flagfiles' tfds: datasets (never downloads)."""
+    import tensorflow_datasets as tfds
+
+    def as_dataset(self, split, decoders=None, **kwargs):
+        del kwargs
+        shape = self.info.features["image"].shape
+        n = per_class_train if split == "train" else per_class_test
+        labels = np.repeat(np.arange(self.info.features["label"].num_classes), n)
+        rng = np.random.default_rng(len(labels))
+        images = np.clip(labels[:, None, None, None] * 25 + rng.integers(0, 30, (len(labels),) + shape), 0, 255)
+        ds = tf.data.Dataset.from_tensor_slices({"image": images.astype(np.uint8), "label": labels})
+        if decoders and "image" in decoders:  # SkipDecoding: the reader decodes PNG itself
+            ds = ds.map(lambda ex: {"image": tf.io.encode_png(ex["image"]), "label": ex["label"]})
+        return ds
+
+    return tfds.testing.mock_data(as_dataset_fn=as_dataset)
+
+
 def snapshot(model) -> dict[str, np.ndarray]:
     """Copies of every variable of ``model``, by path."""
     return {v.path: v.numpy().copy() for v in model.weights}

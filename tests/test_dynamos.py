@@ -13,7 +13,6 @@ import textwrap
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from dgm_tf import engine
 from dgm_tf.checkpoint import CheckpointManager
@@ -22,6 +21,7 @@ from dgm_tf.data import to_model_images
 from dgm_tf.engine import build_scenario
 from dgm_tf.methods import dynamos
 from dgm_tf.methods import dynamos_core as core
+from tests.dgm_helpers import mock_labelled_tfds
 from tests.test_cli import REPO, parse_flags
 
 # Two tasks of two Fashion-MNIST classes (embedded sample), 30 training images per class:
@@ -228,25 +228,6 @@ def test_shipped_flagfiles_carry_the_reference_best_settings(name):
     assert config.dynamos_warmup == core.WARMUP
 
 
-def _mock_svhn(per_class_train=40, per_class_test=2):
-    """Mock TFDS as_dataset: every class, three-channel images around their label."""
-    import tensorflow as tf
-
-    def as_dataset(self, split, decoders=None, **kwargs):
-        del kwargs
-        shape = self.info.features["image"].shape
-        n = per_class_train if split == "train" else per_class_test
-        labels = np.repeat(np.arange(self.info.features["label"].num_classes), n)
-        rng = np.random.default_rng(len(labels))
-        images = np.clip(labels[:, None, None, None] * 25 + rng.integers(0, 30, (len(labels),) + shape), 0, 255)
-        ds = tf.data.Dataset.from_tensor_slices({"image": images.astype(np.uint8), "label": labels})
-        if decoders and "image" in decoders:  # SkipDecoding: the reader decodes PNG itself
-            ds = ds.map(lambda ex: {"image": tf.io.encode_png(ex["image"]), "label": ex["label"]})
-        return ds
-
-    return tfds.testing.mock_data(as_dataset_fn=as_dataset)
-
-
 def test_svhn_flagfile_runs_on_mocked_tfds_data(tmp_path):
     """``configs/svhn_dynamos.cfg``, shrunk (2 tasks, one epoch, nf 4), on mocked
     svhn_cropped data: three-channel images through the gated ResNet, end to end."""
@@ -255,7 +236,7 @@ def test_svhn_flagfile_runs_on_mocked_tfds_data(tmp_path):
     tiny = dataclasses.replace(config, data_dir=str(tmp_path), num_tasks=2, epochs=1, dynamos_nf=4,
                                batch_size=4, dynamos_buffer_batch=4, replay_buffer=8, dynamos_warmup=2,
                                export=False)
-    with _mock_svhn():
+    with mock_labelled_tfds(40, 2):
         scenario = build_scenario(tiny)
         assert scenario.image_shape == (32, 32, 3)
         results = engine.run_experiment(tiny, tmp_path / "wd")

@@ -13,14 +13,13 @@ import sys
 
 import numpy as np
 import pytest
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from dgm_tf import engine
 from dgm_tf.checkpoint import CheckpointManager
 from dgm_tf.config import Config, ConfigError
 from dgm_tf.methods import nispa
 from dgm_tf.methods import nispa_core as core
+from tests.dgm_helpers import mock_labelled_tfds
 from tests.test_cli import REPO, cli_command, parse_flags, run_cli
 
 # Three tasks of two Fashion-MNIST classes (embedded sample), 24 training images per
@@ -381,24 +380,6 @@ def test_shipped_nispa_flagfiles_parse_with_the_reference_settings():
     assert differ == {"dataset", "validation_fraction"} and quick.dataset == "embedded"
 
 
-def _mock_cifar(per_class_train=12, per_class_test=3):
-    """Mock TFDS as_dataset: every class, images filled with noise around their label."""
-
-    def as_dataset(self, split, decoders=None, **kwargs):
-        del kwargs
-        shape = self.info.features["image"].shape
-        n = per_class_train if split == "train" else per_class_test
-        labels = np.repeat(np.arange(self.info.features["label"].num_classes), n)
-        rng = np.random.default_rng(len(labels))
-        images = np.clip(labels[:, None, None, None] * 25 + rng.integers(0, 30, (len(labels),) + shape), 0, 255)
-        ds = tf.data.Dataset.from_tensor_slices({"image": images.astype(np.uint8), "label": labels})
-        if decoders and "image" in decoders:  # SkipDecoding: the reader decodes PNG itself
-            ds = ds.map(lambda ex: {"image": tf.io.encode_png(ex["image"]), "label": ex["label"]})
-        return ds
-
-    return tfds.testing.mock_data(as_dataset_fn=as_dataset)
-
-
 def test_cifar10_flagfile_runs_the_convnet_on_mocked_tfds_data(tmp_path):
     config = parse_flags(f"--flagfile={REPO / 'configs' / 'cifar10_nispa.cfg'}", "--workdir=unused")
     # NISPA/CIFAR10_experiment.sh: conv, prune 90 %, batch 128, lr 0.002, 5-epoch phases.
@@ -408,7 +389,7 @@ def test_cifar10_flagfile_runs_the_convnet_on_mocked_tfds_data(tmp_path):
     # A tiny bit of it: two tasks, 16 dense units, phases of one epoch, k = 3 (3 phases).
     tiny = dataclasses.replace(config, data_dir=str(tmp_path), num_tasks=2, nispa_hidden=16,
                                nispa_phase_epochs=1, nispa_k=3.0, batch_size=8, export=False, eval_every=1)
-    with _mock_cifar():
+    with mock_labelled_tfds(12, 3):
         results = engine.run_experiment(tiny, tmp_path / "wd")
     assert results["tasks"] == [[0, 1], [2, 3]] and results["tasks_completed"] == 2
     states = results["method_state"]

@@ -116,6 +116,32 @@ class ContinualMethod(abc.ABC):
         return None
 
 
+class TrackedTrainer(keras.Model):
+    """What the comparison methods' per-task trainers share: a ``keras.metrics.Mean`` per
+    logged name (``trackers``, reset by the loop every epoch) and an optimizer whose
+    slots are built, outside any trace, for ``trained_variables`` only.
+
+    Args:
+        name: The trainer's name.
+        trained_variables: The variables ``train_step`` updates.
+        log_names: The names of the running means it logs.
+    """
+
+    def __init__(self, name: str, trained_variables: Sequence[tf.Variable], log_names: Sequence[str]):
+        super().__init__(name=name)
+        self.trained_variables = list(trained_variables)
+        self.trackers = {n: keras.metrics.Mean(name=n) for n in log_names}
+        self.built = True
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def compile(self, optimizer):
+        super().compile(optimizer=optimizer, jit_compile=False)
+        self.optimizer.build(self.trained_variables)
+
+
 def copy_weights(model: keras.Model) -> list[np.ndarray]:
     """Copies of all of ``model``'s variables, trainable and not (``model.weights``
     order, the order of ``get_weights``)."""

@@ -31,7 +31,14 @@ import tensorflow as tf
 
 from dgm_tf.config import Config
 from dgm_tf.data import Scenario, TaskData
-from dgm_tf.methods.base import ContinualMethod, assign_weights, copy_weights, epoch_pipeline, fit_epochs
+from dgm_tf.methods.base import (
+    ContinualMethod,
+    TrackedTrainer,
+    assign_weights,
+    copy_weights,
+    epoch_pipeline,
+    fit_epochs,
+)
 from dgm_tf.methods.dgm import task_seed
 from dgm_tf.models.classifier import build_classifier, classifier_variables, network_logits
 from dgm_tf.replica import batch_free, global_count, global_mean, local_share, replica_sum, update_weighted_mean
@@ -39,7 +46,7 @@ from dgm_tf.replica import batch_free, global_count, global_mean, local_share, r
 _DATA_STREAM = 13  # keys the comparison methods' per-epoch data order apart from other seeded streams
 
 
-class ClassifierTaskTrainer(keras.Model):
+class ClassifierTaskTrainer(TrackedTrainer):
     """One cross-entropy step (plus an optional penalty) per batch, for one task.
 
     Inputs per step: ``{"x", "y", "is_replay"}``; ``is_replay`` (1.0 for a stored
@@ -55,29 +62,18 @@ class ClassifierTaskTrainer(keras.Model):
 
     def __init__(self, network: keras.Model, *, task: int, penalty: Callable[[], tf.Tensor] | None = None,
                  penalty_name: str = "penalty", split_replay: bool = False):
-        super().__init__(name=f"classifier_task_{task}")
-        self.network = network
-        self.task = int(task)
-        self.penalty = penalty
-        self.penalty_name = penalty_name
-        self.split_replay = bool(split_replay)
-        self.c_variables = classifier_variables(network)
         names = ["loss", "c_loss", "c_acc"]
         if penalty is not None:
             names.append(penalty_name)
         if split_replay:
             names += ["c_loss_real", "c_acc_real", "c_loss_replay", "c_acc_replay"]
-        self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
-        self.built = True
-
-    @property
-    def metrics(self):
-        return list(self.trackers.values())
-
-    def compile(self, optimizer):
-        super().compile(optimizer=optimizer, jit_compile=False)
-        # Slots for the classifier's variables only, built now (outside the trace).
-        self.optimizer.build(self.c_variables)
+        # The optimizer's slots cover the classifier's variables only.
+        super().__init__(f"classifier_task_{task}", classifier_variables(network), names)
+        self.network = network
+        self.task = int(task)
+        self.penalty = penalty
+        self.penalty_name = penalty_name
+        self.split_replay = bool(split_replay)
 
     def train_step(self, data):
         # The loop hands every replica the global batch; this replica trains on its rows.
@@ -91,8 +87,8 @@ class ClassifierTaskTrainer(keras.Model):
             c_share = global_mean(per_sample, n)
             penalty = self.penalty() if self.penalty is not None else tf.constant(0.0)
             loss = c_share + batch_free(penalty)
-        grads = tape.gradient(loss, self.c_variables)
-        self.optimizer.apply_gradients(zip(grads, self.c_variables))
+        grads = tape.gradient(loss, self.trained_variables)
+        self.optimizer.apply_gradients(zip(grads, self.trained_variables))
         hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=y.dtype), y), tf.float32)
         c_loss, c_acc = replica_sum((c_share, global_mean(hits, n)))  # the global batch's
         step = {"loss": c_loss + penalty, "c_loss": c_loss, "c_acc": c_acc}

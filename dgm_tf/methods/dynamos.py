@@ -59,7 +59,14 @@ import tensorflow as tf
 from dgm_tf.config import Config, ConfigError
 from dgm_tf.data import Scenario, TaskData
 from dgm_tf.methods import dynamos_core as core
-from dgm_tf.methods.base import ContinualMethod, assign_weights, copy_weights, epoch_pipeline, fit_epochs
+from dgm_tf.methods.base import (
+    ContinualMethod,
+    TrackedTrainer,
+    assign_weights,
+    copy_weights,
+    epoch_pipeline,
+    fit_epochs,
+)
 from dgm_tf.methods.dgm import task_seed
 from dgm_tf.models.dynamos_net import DynamosResNet
 from dgm_tf.replica import batch_free, global_count, global_mean, local_share, replica_sum, replicas
@@ -79,7 +86,7 @@ def gather_global(values):
     return tf.distribute.get_replica_context().all_gather(values, axis=0)
 
 
-class DynamosTrainer(keras.Model):
+class DynamosTrainer(TrackedTrainer):
     """One Dynamos step per batch (module docstring), for one task.
 
     Inputs per step: ``{"x", "y", "warm", "key"}``; ``warm`` (bool) and ``key`` (the
@@ -90,7 +97,7 @@ class DynamosTrainer(keras.Model):
             "buffer_ce", "buffer_policy", "buffer_prototype", "rehearsing")
 
     def __init__(self, network: DynamosResNet, memory: core.ReservoirMemory, config: Config, *, task: int):
-        super().__init__(name=f"dynamos_task_{task}")
+        super().__init__(f"dynamos_task_{task}", network.trainable_variables, self.LOGS)
         self.network = network
         self.memory = memory
         self.task = int(task)
@@ -100,17 +107,6 @@ class DynamosTrainer(keras.Model):
                       reward=config.dynamos_reward_weight, prototype=config.dynamos_prototype_weight)
         self.keep_ratio = float(config.dynamos_keep_ratio)
         self.penalty = float(config.dynamos_policy_penalty)
-        self.variables_trained = list(network.trainable_variables)
-        self.trackers = {name: keras.metrics.Mean(name=name) for name in self.LOGS}
-        self.built = True
-
-    @property
-    def metrics(self):
-        return list(self.trackers.values())
-
-    def compile(self, optimizer):
-        super().compile(optimizer=optimizer, jit_compile=False)
-        self.optimizer.build(self.variables_trained)
 
     def _terms(self, out, y, y_global, count):
         """(CE share, policy share, prototype share [batch-free], hits share, keep share,
@@ -160,9 +156,9 @@ class DynamosTrainer(keras.Model):
             replay = (w["alpha"] * b_mse + w["policy_alpha"] * b_pmse + w["beta"] * (b_ce + w["reward"] * b_policy)
                       + w["prototype"] * batch_free(b_prototype))
             loss = current + replay_w * replay
-        grads = tape.gradient(loss, self.variables_trained)
-        grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, self.variables_trained)]
-        self.optimizer.apply_gradients(zip(grads, self.variables_trained))
+        grads = tape.gradient(loss, self.trained_variables)
+        grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, self.trained_variables)]
+        self.optimizer.apply_gradients(zip(grads, self.trained_variables))
         # Offer the global batch with the pre-update outputs (not in warm-up).
         memory.add(x_all, y_all, logits_g, policy_g, seed(core.STREAM_BUFFER_ADD), enabled=tf.logical_not(warm))
         ce_g, policy_gl, hits_g, keep_g, b_ce_g, b_policy_g, b_mse_g, b_pmse_g = replica_sum(

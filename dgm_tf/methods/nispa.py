@@ -78,7 +78,7 @@ from dgm_tf.config import Config, ConfigError
 from dgm_tf.data import Scenario, TaskData
 from dgm_tf.layers.sparse_masked import mask_frozen_gradients
 from dgm_tf.methods import nispa_core as core
-from dgm_tf.methods.base import ContinualMethod, epoch_pipeline, fit_epochs
+from dgm_tf.methods.base import ContinualMethod, TrackedTrainer, epoch_pipeline, fit_epochs
 from dgm_tf.models import nispa_nets  # a module: nispa_nets imports nispa_core through this package
 from dgm_tf.replica import global_count, global_mean, local_share, replica_sum
 
@@ -109,7 +109,7 @@ def max_phases(k: float, p_min: float = core.P_MIN) -> int:
     return phase
 
 
-class NispaTaskTrainer(keras.Model):
+class NispaTaskTrainer(TrackedTrainer):
     """One cross-entropy step per batch of the NISPA network, frozen gradients zeroed.
 
     Inputs per step: ``{"x", "y"}`` and, with a replay buffer, ``{"mx", "my"}`` (a stored
@@ -124,23 +124,12 @@ class NispaTaskTrainer(keras.Model):
     """
 
     def __init__(self, network: keras.Model, num_classes: int, *, task_heads: bool, replay_lambda: float):
-        super().__init__(name="nispa_trainer")
+        super().__init__("nispa_trainer", [v for layer in network.sparse_layers for v in (layer.kernel, layer.bias)],
+                         ("loss", "c_loss", "c_acc", "c_loss_replay", "c_acc_replay"))
         self.network = network
         self.task_heads = bool(task_heads)
         self.replay_lambda = float(replay_lambda)
         self.head_mask = keras.Variable(np.ones(num_classes, np.float32), trainable=False, name="head_mask")
-        self.train_variables = [v for layer in network.sparse_layers for v in (layer.kernel, layer.bias)]
-        names = ("loss", "c_loss", "c_acc", "c_loss_replay", "c_acc_replay")
-        self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
-        self.built = True
-
-    @property
-    def metrics(self):
-        return list(self.trackers.values())
-
-    def compile(self, optimizer):
-        super().compile(optimizer=optimizer, jit_compile=False)
-        self.optimizer.build(self.train_variables)
 
     def _logits(self, x):
         logits = self.network(x, training=True)
@@ -168,11 +157,11 @@ class NispaTaskTrainer(keras.Model):
                     keras.losses.sparse_categorical_crossentropy(data["my"], m_logits, from_logits=True), m_count
                 )
                 loss = c_share + self.replay_lambda * m_share
-        grads = tape.gradient(loss, self.train_variables)
+        grads = tape.gradient(loss, self.trained_variables)
         # Frozen stable->stable connections and stable biases get exactly 0
         # (NISPA/NISPA/training.py, reset_frozen_gradients).
-        grads = mask_frozen_gradients(grads, self.train_variables, self.network.sparse_layers)
-        self.optimizer.apply_gradients(zip(grads, self.train_variables))
+        grads = mask_frozen_gradients(grads, self.trained_variables, self.network.sparse_layers)
+        self.optimizer.apply_gradients(zip(grads, self.trained_variables))
         c_loss, c_acc = replica_sum((c_share, global_mean(self._hits(logits, y), n)))
         step = {"loss": c_loss, "c_loss": c_loss, "c_acc": c_acc}
         if replay:

@@ -54,6 +54,21 @@ def copy_into_wider_head(new_head: keras.layers.Dense, old_head: keras.layers.De
     new_head.set_weights([kernel, bias])
 
 
+def copy_into_wider_model(new: keras.Model, old: keras.Model, new_head: keras.layers.Dense,
+                          old_head: keras.layers.Dense) -> None:
+    """Copy every variable of ``old`` but its class head into ``new`` (the same network
+    with a wider ``new_head``: variables in the same order, with the same paths), then the
+    head's class rows (``copy_into_wider_head``)."""
+    head, wider = {id(v) for v in old_head.weights}, {id(v) for v in new_head.weights}
+    old_vars = [v for v in old.weights if id(v) not in head]
+    new_vars = [v for v in new.weights if id(v) not in wider]
+    if [v.path for v in old_vars] != [v.path for v in new_vars]:
+        raise RuntimeError(f"{type(old).__name__}.with_classes: the copies' variables differ")
+    for target, source in zip(new_vars, old_vars):
+        target.assign(source)
+    copy_into_wider_head(new_head, old_head)
+
+
 @keras.saving.register_keras_serializable(package="dgm_tf")
 class Discriminator(keras.Model):
     """ACGAN discriminator/classifier for 32x32 images.

@@ -49,7 +49,7 @@ from dgm_tf.layers.gating import (
     torch_default_kernel_initializer,
 )
 from dgm_tf.layers.replica_batch_norm import ReplicaBatchNormalization
-from dgm_tf.models.discriminator import copy_into_wider_head
+from dgm_tf.models.discriminator import copy_into_wider_model
 
 NF = 32  # the reference's --nf default and every best_args setting
 BLOCKS_PER_STAGE = 2
@@ -313,15 +313,7 @@ class DynamosResNet(keras.Model):
             raise ValueError(f"the class head never shrinks ({self.num_classes} -> {num_classes})")
         new = DynamosResNet(num_classes, self.image_channels, self.image_size, self.nf, self.hidden_ratio,
                             self.temperature, name=self.name)
-        head = {id(v) for v in self.head.weights}
-        new_head = {id(v) for v in new.head.weights}
-        old_vars = [v for v in self.weights if id(v) not in head]
-        new_vars = [v for v in new.weights if id(v) not in new_head]
-        if [v.path for v in old_vars] != [v.path for v in new_vars]:
-            raise RuntimeError("DynamosResNet.with_classes: the copies' variables differ")
-        for target, source in zip(new_vars, old_vars):
-            target.assign(source)
-        copy_into_wider_head(new.head, self.head)
+        copy_into_wider_model(new, self, new.head, self.head)
         return new
 
 

@@ -32,7 +32,7 @@ import tensorflow as tf
 
 from dgm_tf.layers.gating import torch_default_bias_initializer, torch_default_kernel_initializer
 from dgm_tf.layers.replica_batch_norm import ReplicaBatchNormalization
-from dgm_tf.models.discriminator import copy_into_wider_head
+from dgm_tf.models.discriminator import copy_into_wider_model
 
 FEATURES = 2048  # run_DGMw_imagenet.py: model.netD(2048, ...)
 STAGES = (64, 128, 256, 512)
@@ -182,13 +182,5 @@ class ResNet18Critic(keras.Model):
             raise ValueError("the auxiliary head never shrinks")
         new = ResNet18Critic(num_classes, self.image_channels, self.image_size, self.features_width, name=self.name,
                              dtype=self.dtype_policy.name)
-        head = {id(v) for v in self.class_head.weights}
-        new_head = {id(v) for v in new.class_head.weights}
-        old_vars = [v for v in self.weights if id(v) not in head]
-        new_vars = [v for v in new.weights if id(v) not in new_head]
-        if [v.path for v in old_vars] != [v.path for v in new_vars]:
-            raise RuntimeError("ResNet18Critic.with_classes: the copies' variables differ")
-        for target, source in zip(new_vars, old_vars):
-            target.assign(source)
-        copy_into_wider_head(new.class_head, self.class_head)
+        copy_into_wider_model(new, self, new.class_head, self.class_head)
         return new
