@@ -34,6 +34,13 @@ MAS_FLAGS = [
     "--method=mas", "--class_order=1,7", "--epochs=2", "--train_examples_per_class=32", "--batch_size=16",
     "--ndf=4", "--eval_every=1", "--samples_per_class=2", "--lr_d=0.01", "--mas_lambda=100", "--log_every_steps=1",
 ]
+# Dynamos on the same two tasks: the first epoch is the ungated warm-up, then every step
+# rehearses from the replicated buffer; every checkpoint kept, to compare the warm-up's.
+DYNAMOS_FLAGS = [
+    "--method=dynamos", "--class_order=1,7", "--epochs=2", "--train_examples_per_class=32", "--batch_size=16",
+    "--eval_every=1", "--replay_buffer=16", "--dynamos_buffer_batch=8", "--dynamos_nf=4", "--dynamos_warmup=1",
+    "--keep_checkpoints=10", "--log_every_steps=1",
+]
 DIGEST = re.compile(r"final weights sha256 ([0-9a-f]{64})")
 TIMEOUT_S = 600
 
@@ -122,6 +129,33 @@ def test_two_workers_train_as_one_device(tmp_path, method):
     moved = float(np.mean(diffs > WEIGHT_ATOL))
     print(f"multi_worker vs one device: weights beyond {WEIGHT_ATOL}: {moved:.2e}, largest {diffs.max():.2e}")
     assert moved <= DGM_MOVED_FRACTION and diffs.max() < DGM_WEIGHT_MAX
+
+
+@pytest.mark.slow
+def test_dynamos_workers_keep_one_buffer_in_step(tmp_path):
+    """Dynamos on a cluster of two workers: both end on the same weights and buffer (the
+    digest covers every array of the final checkpoint state, the buffer included: each
+    worker applies the same update from the gathered global batch), only the chief
+    leaves files, and after the warm-up epoch the weights are one device's. (Later the
+    runs part, as the mirrored test explains: sampled gates flip on last-bit
+    differences.)"""
+    procs = _cluster(tmp_path, tmp_path / "cluster", DYNAMOS_FLAGS, "w")
+    one = _start([*DYNAMOS_FLAGS, f"--workdir={tmp_path / 'one'}"], tmp_path / "one.log")
+    logs = _wait([*procs, one])
+    for p, log in zip([*procs, one], logs):
+        assert p.returncode == 0, log[-3000:]
+    digests = [DIGEST.findall(log) for log in logs[:2]]
+    assert all(len(d) == 1 for d in digests) and digests[0] == digests[1], digests
+    assert not _worker_dirs(tmp_path)
+    results = json.loads((tmp_path / "cluster" / "results.json").read_text())
+    assert results["runtime"]["replicas"] == 2 and results["tasks_completed"] == 2
+    assert results["method_state"][-1]["buffer_filled"] > 0
+    first = {d: CheckpointManager(tmp_path / d / "ckpt").load(tmp_path / d / "ckpt" / "000001") for d in ("one", "cluster")}
+    assert first["one"].state["epochs_done"] == 1 == first["cluster"].state["epochs_done"]
+    worst = max(float(np.max(np.abs(first["one"].arrays[k] - first["cluster"].arrays[k])))
+                for k in first["one"].arrays if k.startswith("dynamos/net/"))
+    print(f"dynamos multi_worker vs one device after the warm-up epoch: {worst:.2e}")
+    assert worst < WEIGHT_ATOL
 
 
 def _worker_dirs(tmp_path):
