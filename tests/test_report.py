@@ -212,6 +212,7 @@ def test_memory_is_generator_params_or_stored_images():
     assert report.memory_size(run(generator_params=[10, 20], method_state=[{}, {}])) == (20.0, "generator params")
     assert report.memory_size(run(method_state=[{"stored_examples": 5}, {"stored_examples": 9}])) == (9.0, "stored images")
     assert report.memory_size(run(generator_params=[None], method_state=[{"buffer": 1000}])) == (1000.0, "stored images")
+    assert report.memory_size(run(generator_params=[None], method_state=[{"buffer_filled": 478}])) == (478.0, "stored images")
     assert report.memory_size(run(generator_params=[None], method_state=[{"mas_omega_mean": 0.1}])) == (None, "")
 
 
@@ -244,6 +245,25 @@ def test_grouping_keeps_configs_apart_but_ignores_seed_and_flags_that_change_no_
     assert md.count("## Scenario ") == 2 and "2 tasks x 2 classes, class order 1,7,8,9" in md
     for flag in report.IGNORED_FLAGS:
         assert f"- `--{flag}`: " in md  # each ignored flag is listed with its reason
+
+
+@needs_mpl
+def test_a_run_from_before_a_flag_existed_groups_as_that_flags_default(tmp_path, capsys, fast_plots):
+    """flags.txt of a run written before --critic existed does not name it: the run
+    ran as the default does, so it groups with runs that name the default, not with
+    runs that name another value."""
+    runs = tmp_path / "runs"
+    old = write_run(runs, "old", seed=0, last=0.4)
+    text = (old / "flags.txt").read_text()
+    assert "--critic=dcgan\n" in text
+    (old / "flags.txt").write_text(text.replace("--critic=dcgan\n", ""))
+    dirs = [old, write_run(runs, "new", seed=1, last=0.6), write_run(runs, "other", seed=2, last=0.9,
+                                                                       critic="resnet18")]
+    code, cap = run_report(dirs, tmp_path / "report", capsys)
+    assert code == 0, cap.err
+    rows = {r["method [group]"].split(" [")[0]: r["n"] for r in tables((tmp_path / "report" / "report.md").read_text())[0]}
+    assert rows == {"dgmw (critic=dcgan)": "2 (seeds 0, 1)", "dgmw (critic=resnet18)": "1 (single run, seed 2)"}, rows
+    assert report.default_flags()["critic"] == "dcgan" and report.default_flags()["seed"] == "0"
 
 
 @needs_mpl

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -46,6 +47,8 @@ import tempfile
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+_REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # The first line of every report.md: an --out holding it may be replaced by a new report.
 MARKER = "<!-- dgm_tf report: written by tools/report.py; running it again with this --out replaces this folder -->"
@@ -129,13 +132,42 @@ class Run:
 
     @property
     def config_key(self):
-        return tuple(sorted((k, v) for k, v in self.flags.items() if k not in IGNORED_FLAGS))
+        # A flag its flags.txt does not name was added after the run: the run ran as its
+        # default does (dgm_tf.engine.resume.ADDED_AFTER_RUNS), so it counts as that.
+        flags = {**default_flags(), **self.flags}
+        return tuple(sorted((k, v) for k, v in flags.items() if k not in IGNORED_FLAGS))
 
     @property
     def is_generative(self) -> bool:
         return self.method in GENERATIVE_METHODS or any(
             p is not None for p in (self.results or {}).get("generator_params") or []
         )
+
+
+def default_flags() -> dict[str, str]:
+    """Every Config field at its default, as flags.txt writes it (``Config.to_flags``),
+    or {} when dgm_tf's config.py cannot be found. config.py is plain Python (standard
+    library only); it is loaded from its file under a private name, so the dgm_tf
+    package (and TensorFlow) is never imported."""
+    global _DEFAULT_FLAGS
+    if _DEFAULT_FLAGS is None:
+        spec = importlib.util.find_spec("dgm_tf")
+        root = pathlib.Path(spec.origin).parent if spec and spec.origin else _REPO_ROOT / "dgm_tf"
+        path = root / "config.py"
+        _DEFAULT_FLAGS = {}
+        if path.is_file():
+            module_spec = importlib.util.spec_from_file_location("_dgm_tf_report_config", path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_spec.name] = module  # dataclasses resolves the class's module
+            try:
+                module_spec.loader.exec_module(module)
+            finally:
+                del sys.modules[module_spec.name]
+            _DEFAULT_FLAGS = dict(line[2:].partition("=")[::2] for line in module.Config().to_flags())
+    return _DEFAULT_FLAGS
+
+
+_DEFAULT_FLAGS: dict[str, str] | None = None
 
 
 def parse_flags(path: pathlib.Path) -> dict[str, str]:
@@ -319,8 +351,9 @@ def _last(v):
 
 
 # method_state keys that count the real training images a method stores: joint's
-# `stored_examples` (every task's data), NISPA's `buffer` (its replay buffer).
-STORED_IMAGES_KEYS = ("stored_examples", "buffer")
+# `stored_examples` (every task's data), NISPA's `buffer` (its replay buffer), Dynamos's
+# `buffer_filled` (the reservoir's written slots).
+STORED_IMAGES_KEYS = ("stored_examples", "buffer", "buffer_filled")
 
 
 def memory_size(run: Run) -> tuple[float | None, str]:
@@ -722,7 +755,7 @@ accuracy over all classes seen after the last task (results.json `average_accura
   each seen class, averaged over the classes (`replay_accuracy`; generative methods only).
 - *memory after the last task*: the generator's parameter count (DGM, `generator_params`)
   or the real training images stored (joint: `method_state.stored_examples`; a replay
-  buffer: `method_state.buffer`).
+  buffer: `method_state.buffer`, Dynamos's `method_state.buffer_filled`).
 - *wall time*: the sum of the per-task `wall_time_s` (start-up and data loading before the
   first task are not counted).
 - Curves: mean A_t per task, the band ± 1 sample sd over the group's runs (no band for n = 1).
