@@ -4,6 +4,7 @@
 
 Points: ``batch:T:E:B`` (before batch B of epoch E of task T, all 0-based; DGM methods),
 ``nispa_batch:T:E:B`` (the same for NISPA, E counted across its phases),
+``dynamos_batch:T:E:B`` (the same for Dynamos),
 ``begin_task:T``, ``export:V`` (export version V written, not yet renamed into place),
 ``checkpoint:N`` (the N-th checkpoint's arrays written, not yet renamed into place).
 ``enospc:NAME:N`` does not kill: the N-th atomic write of a file called NAME fails as
@@ -20,7 +21,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import errno  # noqa: E402
 
 from dgm_tf import checkpoint, export, io_utils, main  # noqa: E402
-from dgm_tf.methods import classifier_base, dgm, nispa  # noqa: E402
+from dgm_tf.methods import classifier_base, dgm, dynamos, nispa  # noqa: E402
 
 
 def die():
@@ -48,6 +49,27 @@ def install(point: str) -> None:
                 die()
 
         nispa.NispaPhaseCallback.on_train_batch_begin = on_nispa_batch
+    elif kind == "dynamos_batch":
+        import keras
+
+        class Kill(keras.callbacks.Callback):
+            def __init__(self, task):
+                super().__init__()
+                self.task, self.epoch = task, None
+
+            def on_epoch_begin(self, epoch, logs=None):
+                self.epoch = epoch
+
+            def on_train_batch_begin(self, batch, logs=None):
+                if (self.task, self.epoch, batch) == tuple(nums):
+                    die()
+
+        original_train = dynamos.Dynamos.train_task
+
+        def train_task(self, task, callbacks, initial_epoch=0):
+            return original_train(self, task, [Kill(task.index), *callbacks], initial_epoch)
+
+        dynamos.Dynamos.train_task = train_task
     elif kind == "begin_task":
         # Every method's begin_task (DGMw/DGMa share DGM's; the comparison methods theirs).
         for cls in (dgm.DGM, classifier_base.ClassifierBaseline, nispa.NISPA):

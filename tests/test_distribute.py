@@ -171,6 +171,7 @@ def test_a_dynamos_step_on_two_replicas_is_one_devices_step(tmp_path):
     assert float(result["buffer"]) < 1e-4
 
 
+@pytest.mark.slow  # 34 s; the one-step test above is the default run's Dynamos check
 def test_mirrored_dynamos_runs_and_starts_as_one_device(tmp_path):
     """The tiny two-task run end to end on 2 replicas: the same checkpoints, tags and
     buffer shape as one device, and after the warm-up epoch the same weights. Past it

@@ -22,7 +22,7 @@ from dgm_tf.engine import build_scenario
 from dgm_tf.methods import dynamos
 from dgm_tf.methods import dynamos_core as core
 from tests.dgm_helpers import mock_labelled_tfds
-from tests.test_cli import REPO, parse_flags
+from tests.test_cli import REPO, parse_flags, run_cli
 
 # Two tasks of two Fashion-MNIST classes (embedded sample), 30 training images per class:
 # 6 batches of 10 per epoch, 2 epochs per task; the first epoch of the run is the ungated
@@ -251,3 +251,36 @@ def test_model_images_are_what_the_buffer_stores():
     assert x.shape[1:] == (32, 32, 1) and x.dtype == np.float32
     assert x.min() >= -1.0 and x.max() <= 1.0
     assert to_model_images(np.zeros((1, 28, 28, 1), np.uint8)).shape == (1, 32, 32, 1)
+
+
+CLI_TINY = ["--method=dynamos", "--dataset=embedded", "--class_order=0,1,2,3", "--classes_per_task=2",
+            "--train_examples_per_class=30", "--batch_size=10", "--epochs=2", "--eval_every=1", "--replay_buffer=24",
+            "--dynamos_buffer_batch=6", "--dynamos_nf=8", "--dynamos_warmup=1"]
+
+
+@pytest.mark.slow
+def test_sigkilled_mid_task_the_cli_run_resumes_to_the_same_run(tmp_path):
+    """SIGKILL (tests/kill_driver.py) before batch 3 of task 2's second epoch, export on:
+    the resumed CLI run ends with the uninterrupted one's results.json (times aside),
+    arrays (the buffer's included) and exports."""
+    onednn = os.environ["TF_ENABLE_ONEDNN_OPTS"]  # kill_driver inherits it; compared runs share kernels
+    reference = tmp_path / "ref"
+    proc = run_cli(*CLI_TINY, f"--workdir={reference}", onednn_env=onednn)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    workdir = tmp_path / "wd"
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "kill_driver.py"), "dynamos_batch:1:1:3", *CLI_TINY,
+                           f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    proc = run_cli(*CLI_TINY, f"--workdir={workdir}", "--resume", onednn_env=onednn)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "task 2, 1 epochs done" in proc.stderr, proc.stderr[-2000:]
+    results_a = json.loads((reference / "results.json").read_text())
+    results_b = json.loads((workdir / "results.json").read_text())
+    for r in (results_a, results_b):
+        r.pop("wall_time_s"), r.pop("time_breakdown_s")
+    assert results_a == results_b
+    a, b = CheckpointManager(reference / "ckpt").latest(), CheckpointManager(workdir / "ckpt").latest()
+    assert sorted(a.arrays) == sorted(b.arrays)
+    for key in a.arrays:
+        np.testing.assert_array_equal(a.arrays[key], b.arrays[key], err_msg=key)
+    assert sorted(p.name for p in (workdir / "export" / "classifier").iterdir()) == ["1", "2"]

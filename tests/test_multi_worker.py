@@ -41,6 +41,11 @@ DYNAMOS_FLAGS = [
     "--eval_every=1", "--replay_buffer=16", "--dynamos_buffer_batch=8", "--dynamos_nf=4", "--dynamos_warmup=1",
     "--keep_checkpoints=10", "--log_every_steps=1",
 ]
+# NISPA: a 32-unit MLP, phases of 2 epochs, at most 4 phases per task.
+NISPA_FLAGS = [
+    "--method=nispa", "--class_order=1,7", "--train_examples_per_class=32", "--batch_size=16", "--eval_every=1",
+    "--nispa_hidden=32", "--nispa_phase_epochs=2", "--nispa_k=4", "--log_every_steps=1",
+]
 DIGEST = re.compile(r"final weights sha256 ([0-9a-f]{64})")
 TIMEOUT_S = 600
 
@@ -103,12 +108,13 @@ def _final_arrays(workdir):
     return latest.arrays
 
 
-@pytest.mark.parametrize("method", ["mas", pytest.param("dgmw", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("method", ["mas", pytest.param("dgmw", marks=pytest.mark.slow),
+                                    pytest.param("nispa", marks=pytest.mark.slow)])
 def test_two_workers_train_as_one_device(tmp_path, method):
     """A cluster of two single-replica workers: the chief's run is the one-device run
     (the mirrored tests' bars), both workers end on identical weights, the chief exports,
     and only the chief leaves files."""
-    flags = {"mas": MAS_FLAGS, "dgmw": DGM_FLAGS}[method]
+    flags = {"mas": MAS_FLAGS, "dgmw": DGM_FLAGS, "nispa": NISPA_FLAGS}[method]
     procs = _cluster(tmp_path, tmp_path / "cluster", flags, "w")
     one = _start([*flags, f"--workdir={tmp_path / 'one'}"], tmp_path / "one.log")
     logs = _wait([*procs, one])
@@ -124,7 +130,7 @@ def test_two_workers_train_as_one_device(tmp_path, method):
     a, b = _final_arrays(tmp_path / "one"), _final_arrays(tmp_path / "cluster")
     assert sorted(a) == sorted(b)
     weights = [k for k in a if a[k].dtype.kind == "f" and a[k].size > 1]
-    assert len(weights) > 10
+    assert len(weights) >= 8  # NISPA: 4 kernels and 4 biases; MAS and DGM more
     diffs = np.concatenate([np.abs(a[k] - b[k]).ravel() for k in weights])
     moved = float(np.mean(diffs > WEIGHT_ATOL))
     print(f"multi_worker vs one device: weights beyond {WEIGHT_ATOL}: {moved:.2e}, largest {diffs.max():.2e}")
