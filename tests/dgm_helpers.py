@@ -11,6 +11,47 @@ import tensorflow as tf
 from dgm_tf.models import Generator
 
 
+def train_task_with_hook(train_task, point, hit):
+    """``train_task`` (a method's, unbound) with a callback that calls ``hit()`` before
+    batch B of epoch E of task T, ``point = (T, E, B)``: a kill (tests/kill_driver.py)
+    or an exception standing for one."""
+    import keras
+
+    class AtBatch(keras.callbacks.Callback):
+        def __init__(self, task):
+            super().__init__()
+            self.task, self.epoch = task, None
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if (self.task, self.epoch, batch) == tuple(point):
+                hit()
+
+    def hooked(self, task, callbacks, initial_epoch=0):
+        return train_task(self, task, [AtBatch(task.index), *callbacks], initial_epoch)
+
+    return hooked
+
+
+def assert_same_run(reference, workdir) -> None:
+    """Two run directories hold the same run: results.json (wall times aside) and the
+    newest checkpoint's arrays, bit for bit."""
+    import json
+
+    from dgm_tf.checkpoint import CheckpointManager
+
+    results = [json.loads((d / "results.json").read_text()) for d in (reference, workdir)]
+    for r in results:
+        r.pop("wall_time_s"), r.pop("time_breakdown_s")
+    assert results[0] == results[1]
+    a, b = CheckpointManager(reference / "ckpt").latest(), CheckpointManager(workdir / "ckpt").latest()
+    assert sorted(a.arrays) == sorted(b.arrays)
+    for key in a.arrays:
+        np.testing.assert_array_equal(a.arrays[key], b.arrays[key], err_msg=key)
+
+
 def mock_labelled_tfds(per_class_train: int, per_class_test: int):
     """``tfds.testing.mock_data`` whose ``as_dataset`` yields every class of the builder,
     ``per_class_train`` (train split) or ``per_class_test`` images each, pixels around

@@ -22,6 +22,7 @@ import errno  # noqa: E402
 
 from dgm_tf import checkpoint, export, io_utils, main  # noqa: E402
 from dgm_tf.methods import classifier_base, dgm, dynamos, nispa  # noqa: E402
+from tests.dgm_helpers import train_task_with_hook  # noqa: E402
 
 
 def die():
@@ -50,26 +51,7 @@ def install(point: str) -> None:
 
         nispa.NispaPhaseCallback.on_train_batch_begin = on_nispa_batch
     elif kind == "dynamos_batch":
-        import keras
-
-        class Kill(keras.callbacks.Callback):
-            def __init__(self, task):
-                super().__init__()
-                self.task, self.epoch = task, None
-
-            def on_epoch_begin(self, epoch, logs=None):
-                self.epoch = epoch
-
-            def on_train_batch_begin(self, batch, logs=None):
-                if (self.task, self.epoch, batch) == tuple(nums):
-                    die()
-
-        original_train = dynamos.Dynamos.train_task
-
-        def train_task(self, task, callbacks, initial_epoch=0):
-            return original_train(self, task, [Kill(task.index), *callbacks], initial_epoch)
-
-        dynamos.Dynamos.train_task = train_task
+        dynamos.Dynamos.train_task = train_task_with_hook(dynamos.Dynamos.train_task, nums, die)
     elif kind == "begin_task":
         # Every method's begin_task (DGMw/DGMa share DGM's; the comparison methods theirs).
         for cls in (dgm.DGM, classifier_base.ClassifierBaseline, nispa.NISPA):

@@ -21,7 +21,7 @@ from dgm_tf.data import to_model_images
 from dgm_tf.engine import build_scenario
 from dgm_tf.methods import dynamos
 from dgm_tf.methods import dynamos_core as core
-from tests.dgm_helpers import mock_labelled_tfds
+from tests.dgm_helpers import assert_same_run, mock_labelled_tfds, train_task_with_hook
 from tests.test_cli import REPO, parse_flags, run_cli
 
 # Two tasks of two Fashion-MNIST classes (embedded sample), 30 training images per class:
@@ -36,27 +36,8 @@ class _Killed(Exception):
     """Stands for a SIGKILL at a chosen batch."""
 
 
-def _train_task_killed_at(point):
-    import keras
-
-    original = dynamos.Dynamos.train_task
-
-    class Kill(keras.callbacks.Callback):
-        def __init__(self, task):
-            super().__init__()
-            self.task, self.epoch = task, None
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.epoch = epoch
-
-        def on_train_batch_begin(self, batch, logs=None):
-            if (self.task, self.epoch, batch) == point:
-                raise _Killed(point)
-
-    def train_task(self, task, callbacks, initial_epoch=0):
-        return original(self, task, [Kill(task.index), *callbacks], initial_epoch)
-
-    return train_task
+def _raise_killed():
+    raise _Killed()
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +152,8 @@ def test_a_run_killed_mid_task_resumes_to_the_same_run(reference_run, tmp_path, 
     _, reference, _ = reference_run
     workdir = tmp_path / "wd"
     config = Config(**TINY)
-    monkeypatch.setattr(dynamos.Dynamos, "train_task", _train_task_killed_at((1, 1, 3)))
+    monkeypatch.setattr(dynamos.Dynamos, "train_task",
+                        train_task_with_hook(dynamos.Dynamos.train_task, (1, 1, 3), _raise_killed))
     with pytest.raises(_Killed):
         engine.run_experiment(config, workdir)
     latest = CheckpointManager(workdir / "ckpt").latest().state
@@ -274,13 +256,5 @@ def test_sigkilled_mid_task_the_cli_run_resumes_to_the_same_run(tmp_path):
     proc = run_cli(*CLI_TINY, f"--workdir={workdir}", "--resume", onednn_env=onednn)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "task 2, 1 epochs done" in proc.stderr, proc.stderr[-2000:]
-    results_a = json.loads((reference / "results.json").read_text())
-    results_b = json.loads((workdir / "results.json").read_text())
-    for r in (results_a, results_b):
-        r.pop("wall_time_s"), r.pop("time_breakdown_s")
-    assert results_a == results_b
-    a, b = CheckpointManager(reference / "ckpt").latest(), CheckpointManager(workdir / "ckpt").latest()
-    assert sorted(a.arrays) == sorted(b.arrays)
-    for key in a.arrays:
-        np.testing.assert_array_equal(a.arrays[key], b.arrays[key], err_msg=key)
+    assert_same_run(reference, workdir)
     assert sorted(p.name for p in (workdir / "export" / "classifier").iterdir()) == ["1", "2"]

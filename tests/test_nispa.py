@@ -19,7 +19,7 @@ from dgm_tf.checkpoint import CheckpointManager
 from dgm_tf.config import Config, ConfigError
 from dgm_tf.methods import nispa
 from dgm_tf.methods import nispa_core as core
-from tests.dgm_helpers import mock_labelled_tfds
+from tests.dgm_helpers import assert_same_run, mock_labelled_tfds
 from tests.test_cli import REPO, cli_command, parse_flags, run_cli
 
 # Three tasks of two Fashion-MNIST classes (embedded sample), 24 training images per
@@ -422,13 +422,5 @@ def test_sigkilled_mid_phase_and_at_a_phase_end_the_cli_run_resumes_to_the_same_
     proc = run_cli(*CLI_TINY, f"--workdir={workdir}", "--resume", onednn_env=onednn)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "task 2, 3 epochs done" in proc.stderr
-    results_a = json.loads((reference / "results.json").read_text())
-    results_b = json.loads((workdir / "results.json").read_text())
-    for r in (results_a, results_b):
-        r.pop("wall_time_s"), r.pop("time_breakdown_s")
-    assert results_a == results_b
-    a, b = CheckpointManager(reference / "ckpt").latest(), CheckpointManager(workdir / "ckpt").latest()
-    assert sorted(a.arrays) == sorted(b.arrays)
-    for key in a.arrays:
-        np.testing.assert_array_equal(a.arrays[key], b.arrays[key], err_msg=key)
+    assert_same_run(reference, workdir)
     assert sorted(p.name for p in (workdir / "export" / "classifier").iterdir()) == ["1", "2"]
