@@ -142,6 +142,23 @@ class TrackedTrainer(keras.Model):
         self.optimizer.build(self.trained_variables)
 
 
+def store_variables(arrays: dict, prefix: str, variables: Sequence) -> None:
+    """Put each variable's value into ``arrays`` as ``<prefix>/<index:04d>`` (checkpoints)."""
+    for i, v in enumerate(variables):
+        arrays[f"{prefix}/{i:04d}"] = v.numpy()
+
+
+def load_variables(variables: Sequence, arrays: dict, prefix: str, what: str) -> None:
+    """``store_variables``'s inverse: assigns every variable, refusing a checkpoint that
+    holds another number of them (``what`` names them in the error)."""
+    variables = list(variables)
+    n = len(variables)
+    if f"{prefix}/{n:04d}" in arrays or (n and f"{prefix}/{n - 1:04d}" not in arrays):
+        raise ValueError(f"checkpoint's {what} do not match the rebuilt network")
+    for i, v in enumerate(variables):
+        v.assign(arrays[f"{prefix}/{i:04d}"])
+
+
 def copy_weights(model: keras.Model) -> list[np.ndarray]:
     """Copies of all of ``model``'s variables, trainable and not (``model.weights``
     order, the order of ``get_weights``)."""

@@ -38,6 +38,8 @@ from dgm_tf.methods.base import (
     copy_weights,
     epoch_pipeline,
     fit_epochs,
+    load_variables,
+    store_variables,
 )
 from dgm_tf.methods.dgm import task_seed
 from dgm_tf.models.classifier import build_classifier, classifier_variables, network_logits
@@ -240,11 +242,9 @@ class ClassifierBaseline(ContinualMethod):
         }
         arrays = {}
         if self.network is not None:
-            for i, v in enumerate(self.network.weights):
-                arrays[f"classifier/{i:04d}"] = v.numpy()
+            store_variables(arrays, "classifier", self.network.weights)
         if self.trainer is not None and during_task:
-            for i, v in enumerate(self.trainer.optimizer.variables):
-                arrays[f"optimizer/{i:04d}"] = v.numpy()
+            store_variables(arrays, "optimizer", self.trainer.optimizer.variables)
         extra_state, extra_arrays, shared = self.extra_state(during_task)
         state.update(extra_state)
         arrays.update(extra_arrays)
@@ -261,11 +261,7 @@ class ClassifierBaseline(ContinualMethod):
             self.config.classifier, self.config.ndf, state["num_seen"], self.image_channels, self.image_size,
             self.config.precision,
         )
-        weights = self.network.weights
-        if f"classifier/{len(weights):04d}" in arrays or f"classifier/{len(weights) - 1:04d}" not in arrays:
-            raise ValueError("checkpoint's classifier weights do not match the rebuilt network")
-        for i, v in enumerate(weights):
-            v.assign(arrays[f"classifier/{i:04d}"])
+        load_variables(self.network.weights, arrays, "classifier", "classifier weights")
         self.restore_extra(state, arrays, shared)
         self.trainer = None
         self._epoch_arrays = None
@@ -273,8 +269,7 @@ class ClassifierBaseline(ContinualMethod):
             if state.get("trainer_task") != task.index:
                 raise ValueError(f"checkpoint was taken during task {state.get('trainer_task')}, not {task.index}")
             self._make_trainer(task)
-            for i, v in enumerate(self.trainer.optimizer.variables):
-                v.assign(arrays[f"optimizer/{i:04d}"])
+            load_variables(self.trainer.optimizer.variables, arrays, "optimizer", "optimizer slots")
         self._set_classifier()
 
     # -- inference and export ------------------------------------------------------------

@@ -66,6 +66,8 @@ from dgm_tf.methods.base import (
     copy_weights,
     epoch_pipeline,
     fit_epochs,
+    load_variables,
+    store_variables,
 )
 from dgm_tf.methods.dgm import task_seed
 from dgm_tf.models.dynamos_net import DynamosResNet
@@ -123,6 +125,16 @@ class DynamosTrainer(TrackedTrainer):
         return (global_mean(ce, count), global_mean(policy, count), prototype, global_mean(hits, count),
                 global_mean(keep, count), logits_g, policy_g)
 
+    def _loss(self, ce, policy, prototype, b_mse, b_pmse, b_ce, b_policy, b_prototype, gated, replay_w):
+        """The step's total (module docstring): the current batch's terms, the policy
+        and prototype ones weighted by ``gated`` (0 in warm-up), plus the buffer batch's
+        weighted by ``replay_w`` (0 until the buffer holds a full buffer batch)."""
+        w = self.w
+        current = ce + gated * (w["reward"] * policy + w["prototype"] * prototype)
+        replay = (w["alpha"] * b_mse + w["policy_alpha"] * b_pmse + w["beta"] * (b_ce + w["reward"] * b_policy)
+                  + w["prototype"] * b_prototype)
+        return current + replay_w * replay
+
     def train_step(self, data):
         x_all, y_all = data["x"], tf.cast(data["y"], tf.int64)
         warm = tf.reshape(data["warm"], [-1])[0]
@@ -144,7 +156,6 @@ class DynamosTrainer(TrackedTrainer):
             (stored["examples"], stored["labels"], stored["logits"], stored["widths"], stored["policy_logits"],
              buffer_noise_all))
         n, nb = global_count(y), global_count(by)
-        w = self.w
         with tf.GradientTape() as tape:
             out = net(x, training=True, gate_noise=noise)
             ce, policy, prototype, hits, keep, logits_g, policy_g = self._terms(out, y, y_all, n)
@@ -152,10 +163,9 @@ class DynamosTrainer(TrackedTrainer):
             b_ce, b_policy, b_prototype, _, _, _, _ = self._terms(bout, by, stored["labels"], nb)
             b_mse = global_mean(core.logit_replay_mse(bout["logits"], blogits, bwidths), nb)
             b_pmse = global_mean(core.logit_replay_mse(bout["policy_logits"], bpolicy), nb)
-            current = ce + gated * (w["reward"] * policy + w["prototype"] * batch_free(prototype))
-            replay = (w["alpha"] * b_mse + w["policy_alpha"] * b_pmse + w["beta"] * (b_ce + w["reward"] * b_policy)
-                      + w["prototype"] * batch_free(b_prototype))
-            loss = current + replay_w * replay
+            # This replica's share: the prototype losses (whole-batch values) as 1/N each.
+            loss = self._loss(ce, policy, batch_free(prototype), b_mse, b_pmse, b_ce, b_policy,
+                              batch_free(b_prototype), gated, replay_w)
         grads = tape.gradient(loss, self.trained_variables)
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, self.trained_variables)]
         self.optimizer.apply_gradients(zip(grads, self.trained_variables))
@@ -164,9 +174,8 @@ class DynamosTrainer(TrackedTrainer):
         ce_g, policy_gl, hits_g, keep_g, b_ce_g, b_policy_g, b_mse_g, b_pmse_g = replica_sum(
             (ce, policy, hits, keep, b_ce, b_policy, b_mse, b_pmse))
         step = {
-            "loss": ce_g + gated * (w["reward"] * policy_gl + w["prototype"] * prototype)
-            + replay_w * (w["alpha"] * b_mse_g + w["policy_alpha"] * b_pmse_g + w["beta"] * (b_ce_g + w["reward"] * b_policy_g)
-                          + w["prototype"] * b_prototype),
+            "loss": self._loss(ce_g, policy_gl, prototype, b_mse_g, b_pmse_g, b_ce_g, b_policy_g, b_prototype,
+                               gated, replay_w),
             "ce": ce_g, "policy": gated * policy_gl, "prototype": gated * prototype, "acc": hits_g,
             "keep": keep_g, "buffer_mse_logits": replay_w * b_mse_g, "buffer_mse_policy": replay_w * b_pmse_g,
             "buffer_ce": replay_w * b_ce_g, "buffer_policy": replay_w * b_policy_g,
@@ -190,9 +199,6 @@ class Dynamos(ContinualMethod):
         self.image_shape = tuple(int(d) for d in scenario.image_shape)
         if self.image_shape[-1] not in (1, 3):
             raise ConfigError(f"--dataset: dynamos reads 1- or 3-channel images, got {self.image_shape[-1]} channels")
-        if config.replay_buffer < config.dynamos_buffer_batch:
-            raise ConfigError(f"--dynamos_buffer_batch: {config.dynamos_buffer_batch} exceeds --replay_buffer="
-                              f"{config.replay_buffer}")
         self.num_classes = int(scenario.num_classes)
         self.network: DynamosResNet | None = None
         self.memory: core.ReservoirMemory | None = None
@@ -200,7 +206,6 @@ class Dynamos(ContinualMethod):
         self.seen_labels: list[int] = []
         self.history: list[dict] = []
         self._classify = None
-        self._steps_per_epoch = None
 
     # -- hooks ---------------------------------------------------------------------------
 
@@ -315,13 +320,11 @@ class Dynamos(ContinualMethod):
                  "nf": self.config.dynamos_nf, "buffer_size": self.config.replay_buffer}
         arrays = {}
         if self.network is not None:
-            for i, v in enumerate(self.network.weights):
-                arrays[f"dynamos/net/{i:04d}"] = v.numpy()
+            store_variables(arrays, "dynamos/net", self.network.weights)
             for name, value in self.memory.state().items():
                 arrays[f"dynamos/buffer/{name}"] = value
         if during_task and self.trainer is not None:
-            for i, v in enumerate(self.trainer.optimizer.variables):
-                arrays[f"dynamos/optimizer/{i:04d}"] = v.numpy()
+            store_variables(arrays, "dynamos/optimizer", self.trainer.optimizer.variables)
         return state, arrays, {}
 
     def restore_checkpoint(self, state, arrays, shared, task: TaskData | None) -> None:
@@ -334,16 +337,11 @@ class Dynamos(ContinualMethod):
         if not self.seen_labels:
             return
         self._build(len(self.seen_labels))
-        weights = self.network.weights
-        if f"dynamos/net/{len(weights):04d}" in arrays or f"dynamos/net/{len(weights) - 1:04d}" not in arrays:
-            raise ValueError("checkpoint's dynamos weights do not match the rebuilt network")
-        for i, v in enumerate(weights):
-            v.assign(arrays[f"dynamos/net/{i:04d}"])
+        load_variables(self.network.weights, arrays, "dynamos/net", "dynamos weights")
         self.memory.restore({name: arrays[f"dynamos/buffer/{name}"] for name in self.memory.variables})
         if task is not None:
             if state.get("trainer_task") != task.index:
                 raise ValueError(f"checkpoint was taken during task {state.get('trainer_task')}, not {task.index}")
             self._make_trainer(task)
-            for i, v in enumerate(self.trainer.optimizer.variables):
-                v.assign(arrays[f"dynamos/optimizer/{i:04d}"])
+            load_variables(self.trainer.optimizer.variables, arrays, "dynamos/optimizer", "optimizer slots")
         self._set_classifier()
