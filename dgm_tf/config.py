@@ -27,7 +27,9 @@ NISPA_HEADS = ("task", "single")
 CLASSIFIERS = ("dgm", "cnn")
 # Keras dtype policies a run may use. "mixed_bfloat16" computes convolutions in bf16
 # with float32 variables; masks, losses, BN statistics and the optimiser stay float32.
-PRECISIONS = ("float32", "mixed_bfloat16")
+# "mixed_float16" does the same in float16 with dynamic loss scaling
+# (dgm_tf/loss_scaling.py): the usual choice on GPUs without bf16.
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 # --distribution: TensorFlow's own strategies (dgm_tf/engine/distribute.py).
 DISTRIBUTIONS = ("none", "mirrored", "multi_worker")
 # DGM's critic/classifier network: "dcgan" (the reference's MNIST/SVHN netD, three 5x5
@@ -266,6 +268,12 @@ def validate(c: Config) -> None:
         c.precision in PRECISIONS,
         "precision",
         f"unknown precision {c.precision!r}; choose one of {', '.join(PRECISIONS)}",
+    )
+    _require(
+        c.method != "mas" or c.precision != "mixed_float16",
+        "precision",
+        "mas does not run in mixed_float16 (its importance gradients are not loss-scaled and would "
+        "underflow in float16); use float32 or mixed_bfloat16",
     )
     _require(c.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {c.keep_checkpoints}")
     _require(c.log_every_steps >= 1, "log_every_steps", f"must be >= 1, got {c.log_every_steps}")

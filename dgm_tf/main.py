@@ -47,8 +47,9 @@ flags.DEFINE_integer("batch_size", _D.batch_size, "Real images per iteration.")
 flags.DEFINE_integer("eval_every", _D.eval_every, "Epochs between validation/test evaluations.")
 flags.DEFINE_integer("samples_per_class", _D.samples_per_class, "Generated images per class in samples/ grids.")
 flags.DEFINE_string("precision", _D.precision,
-                  "Keras dtype policy: float32, or mixed_bfloat16 (bf16 convolutions, float32 variables; "
-                  "fast only on CPUs with AVX512_BF16/AMX or on accelerators).")
+                  "Keras dtype policy: float32, mixed_bfloat16 (bf16 convolutions, float32 variables; "
+                  "fast only on CPUs with AVX512_BF16/AMX or on accelerators), or mixed_float16 (the same in "
+                  "float16 with dynamic loss scaling; for GPUs without bf16, slow on CPUs).")
 flags.DEFINE_boolean("resume", False, "Continue the run in --workdir from its newest checkpoint (same flags).")
 flags.DEFINE_boolean("deterministic", _D.deterministic, "Enable TensorFlow op determinism (bit-exact resume on "
                      "GPUs; CPU runs are deterministic without it, about 10% faster).")

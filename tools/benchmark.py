@@ -46,7 +46,7 @@ flags.DEFINE_list("xla", ["false"], "Compile the step with XLA: any of false,tru
 # bf16 pays only where the CPU computes it natively (AVX512_BF16 or AMX); elsewhere
 # oneDNN emulates it and one discriminator pass took 7.6x longer than fp32 (README), so
 # "auto" adds it only on such CPUs and the default run stays under 5 minutes.
-flags.DEFINE_list("precisions", ["auto"], "Dtype policies to measure: any of float32,mixed_bfloat16, "
+flags.DEFINE_list("precisions", ["auto"], "Dtype policies to measure: any of float32,mixed_bfloat16,mixed_float16, "
                   "or auto (float32, plus mixed_bfloat16 when the CPU has native bf16).")
 flags.DEFINE_integer("iterations", 10, "Calls per timed repeat.")
 flags.DEFINE_integer("repeats", 5, "Timed repeats (the median is reported).")

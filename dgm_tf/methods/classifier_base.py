@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from dgm_tf.config import Config
 from dgm_tf.data import Scenario, TaskData
+from dgm_tf.loss_scaling import maybe_loss_scaled, scaled_loss
 from dgm_tf.methods.base import (
     ContinualMethod,
     TrackedTrainer,
@@ -89,7 +90,8 @@ class ClassifierTaskTrainer(TrackedTrainer):
             c_share = global_mean(per_sample, n)
             penalty = self.penalty() if self.penalty is not None else tf.constant(0.0)
             loss = c_share + batch_free(penalty)
-        grads = tape.gradient(loss, self.trained_variables)
+            target = scaled_loss(self.optimizer, loss)  # mixed_float16 (dgm_tf.loss_scaling)
+        grads = tape.gradient(target, self.trained_variables)
         self.optimizer.apply_gradients(zip(grads, self.trained_variables))
         hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=y.dtype), y), tf.float32)
         c_loss, c_acc = replica_sum((c_share, global_mean(hits, n)))  # the global batch's
@@ -181,9 +183,9 @@ class ClassifierBaseline(ContinualMethod):
             split_replay=bool(self.memory()),
         )
         # PyTorch's Adam epsilon (1e-8), as DGM's classifier uses; fresh per task.
-        self.trainer.compile(
-            keras.optimizers.Adam(cfg.lr_d, beta_1=cfg.beta1, beta_2=cfg.beta2, epsilon=1e-8)
-        )
+        self.trainer.compile(maybe_loss_scaled(
+            keras.optimizers.Adam(cfg.lr_d, beta_1=cfg.beta1, beta_2=cfg.beta2, epsilon=1e-8), cfg.precision
+        ))
         self._epoch_arrays = None
         self._set_classifier()
 

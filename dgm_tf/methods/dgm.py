@@ -31,6 +31,7 @@ from absl import logging
 
 from dgm_tf.config import Config
 from dgm_tf.data import Scenario, TaskData
+from dgm_tf.loss_scaling import loss_scale, maybe_loss_scaled, scaled_loss
 from dgm_tf.methods.base import ContinualMethod, assign_weights, copy_weights, epoch_pipeline, fit_epochs
 from dgm_tf.models import Discriminator, Generator, activation_growth_channels, growth_channels
 from dgm_tf.models.resnet_critic import ResNet18Critic
@@ -242,7 +243,8 @@ class DGMTaskTrainer(keras.Model):
             _, logits = self.discriminator(images, training=True)
             per_sample = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
             loss = global_mean(per_sample, count)  # this replica's share (dgm_tf.replica)
-        grads = tape.gradient(loss, variables)
+            target = scaled_loss(self.d_optimizer, loss)  # mixed_float16 (dgm_tf.loss_scaling)
+        grads = tape.gradient(target, variables)
         # The reference (PyTorch 1.0) steps Adam on every discriminator parameter after
         # zero_grad(), so heads a loss does not reach still move with their momentum.
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
@@ -264,6 +266,11 @@ class DGMTaskTrainer(keras.Model):
         if alpha is None:
             alpha = self.rng.uniform([tf.shape(real)[0], 1, 1, 1], dtype=real.dtype)
         x_hat = alpha * real + (1.0 - alpha) * fake
+        # Under mixed_float16 this inner backward pass is not loss-scaled: an overflow
+        # here would make the penalty, hence the reported loss, non-finite (the run
+        # stops on a non-finite loss), where an overflow of the outer, scaled pass only
+        # makes the LossScaleOptimizer skip the step. Its values (the penalty drives
+        # the per-image gradient norm to 1) sit far above float16's underflow.
         with tf.GradientTape() as tape:
             tape.watch(x_hat)
             critic, _ = self.discriminator(x_hat, training=True, whole_batch=whole_batch)
@@ -298,7 +305,8 @@ class DGMTaskTrainer(keras.Model):
                 gp = self.gradient_penalty(real, fake, alpha)
             wasserstein = global_mean(d_real, count) - global_mean(d_fake, count)
             loss = -wasserstein + gp
-        grads = tape.gradient(loss, variables)
+            target = scaled_loss(self.d_optimizer, loss)
+        grads = tape.gradient(target, variables)
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
         self.d_optimizer.apply_gradients(zip(grads, variables))
         return replica_sum((loss, gp, wasserstein))
@@ -318,14 +326,19 @@ class DGMTaskTrainer(keras.Model):
                 loss += global_mean(
                     keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True), count
                 )
-        grads = tape.gradient(loss, self.g_variables)
+            target = scaled_loss(self.g_optimizer, loss)
+        grads = tape.gradient(target, self.g_variables)
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, self.g_variables)]
         # Masking, HAT scaling and clipping act on the global gradient (clipping each
         # replica's share would clip a different vector): summed over the replicas
         # first, then divided by their number, since apply_gradients sums them again.
         grads = replica_sum(grads)
         grads = self.constrain_generator_gradients(grads)
-        grads, _ = tf.clip_by_global_norm(grads, self.clip_norm)
+        # Masking and HAT scaling are linear, so they commute with the loss scale; the
+        # clip does not: clipping the scaled gradients at clip_norm * scale is clipping
+        # the true ones at clip_norm. A non-finite gradient stays non-finite through
+        # the clip, and the LossScaleOptimizer then skips the step.
+        grads, _ = tf.clip_by_global_norm(grads, self.clip_norm * loss_scale(self.g_optimizer))
         n = replicas()
         if n > 1:
             grads = [g / n for g in grads]
@@ -548,7 +561,8 @@ class DGM(ContinualMethod):
 
     def _adam(self, lr: float):
         # PyTorch's Adam epsilon (1e-8), as the reference uses; Keras defaults to 1e-7.
-        return keras.optimizers.Adam(lr, beta_1=self.config.beta1, beta_2=self.config.beta2, epsilon=1e-8)
+        adam = keras.optimizers.Adam(lr, beta_1=self.config.beta1, beta_2=self.config.beta2, epsilon=1e-8)
+        return maybe_loss_scaled(adam, self.config.precision)
 
     def build_replay(self, num_per_class: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """For every past task, ``num_per_class`` generated images of each of its classes
