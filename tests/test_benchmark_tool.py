@@ -34,11 +34,15 @@ def test_benchmark_tool_reports_iteration_phases_and_floor(tmp_path, precisions)
         assert r["iteration_ms"] > 0 and r["floor_ms"] > 0
         assert set(r["phase_ms"]) == {"classifier", "critic", "generator"}
         assert r["ratio_to_floor"] == r["iteration_ms"] / r["floor_ms"]
+        # The real path: one epoch of the run's own loop over its pipeline
+        # (32 images at batch 16: 2 steps), per step, against the bare iteration.
+        assert r["real_path_ms"] > 0 and r["real_path_steps_per_epoch"] == 2
+        assert r["real_path_ratio"] == r["real_path_ms"] / r["iteration_ms"]
         assert r["peak_rss_mib"] > 100
     # Task 1 replays task 0; task 0 has nothing to replay.
     assert rows[0]["replay_images"] == 0 and rows[1]["replay_images"] > 0
     assert rows[-1]["replay_images"] == rows[1]["replay_images"]
-    assert "iter ms" in proc.stdout and "ratio" in proc.stdout
+    assert "iter ms" in proc.stdout and "ratio" in proc.stdout and "real/it" in proc.stdout
 
 
 def test_benchmark_rejects_an_unknown_precision(tmp_path):

@@ -13,6 +13,10 @@ random), then measures:
   (replay-classifier chunks, critic, generator);
 - the floor: the bare forward/backward passes the iteration must do (same networks,
   batches and passes; no optimizer, no mask bookkeeping, no shuffling), and the ratio;
+- the real path: ms per step of what a run does, the trainer's own loop
+  (``dgm_tf.fit_loop.fit_epochs``, the mask-scale callback) over the method's
+  ``tf.data`` pipeline for that epoch, timed from the first step's start to the last
+  one's end of one whole epoch, and its ratio to the bare iteration;
 - replay-set generation and evaluation time, trace time, images/s, peak memory.
 
 Every figure is the median of ``--repeats`` repeats of ``--iterations`` calls after
@@ -58,24 +62,31 @@ flags.DEFINE_string("output", "benchmark.json", "Where to write the JSON report.
 FLAGS = flags.FLAGS
 
 
-def _interleaved_medians(fns: dict, args, warmup, iterations, repeats) -> dict[str, float]:
+def _interleaved_medians(fns: dict, args, warmup, iterations, repeats, self_timed=None) -> dict[str, float]:
     """Median ms per call of each function in ``fns``. Every repeat times each function
     in turn, so all of them see the same machine conditions. Timed one after the other
     on this shared virtual machine, the iteration/floor ratio at task 4 ranged from
     1.04 to 1.21 between runs of the same code; interleaved it was 1.12-1.14, and the
     iteration time matches a real run's steps, which also alternate with other graphs
-    (validation, summaries) every epoch (README, Performance)."""
+    (validation, summaries) every epoch (README, Performance).
+
+    ``self_timed``: functions of the repeat index that time themselves and return ms
+    per step (the real path: one epoch each), called once per repeat in the same turn.
+    """
+    self_timed = self_timed or {}
     for fn in fns.values():
         for _ in range(warmup):
             _block(fn(*args))
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
+    times = {name: [] for name in [*fns, *self_timed]}
+    for repeat in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()
             for _ in range(iterations):
                 out = fn(*args)
             _block(out)
             times[name].append((time.perf_counter() - start) / iterations * 1000.0)
+        for name, fn in self_timed.items():
+            times[name].append(fn(repeat))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -204,7 +215,33 @@ def floor_function(trainer):
     return passes
 
 
+def real_path_epoch(method, task):
+    """A function of the repeat index that trains one epoch of ``task`` as a run does
+    (``method.train_task`` of a one-epoch config: the trainer's traced loop, the
+    mask-scale callback, the epoch's ``tf.data`` pipeline) and returns ms per step from
+    the first step's start to the last step's end. The first call also traces."""
+    import keras
+
+    class StepClock(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 0:
+                self.start = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.end, self.steps = time.perf_counter(), batch + 1
+
+    def one_epoch(repeat: int) -> float:
+        del repeat  # every call trains epoch 0 of a one-epoch config: the same batches
+        clock = StepClock()
+        method.train_task(task, [clock])
+        return (clock.end - clock.start) / clock.steps * 1000.0
+
+    return one_epoch
+
+
 def benchmark_task(config, scenario, task_index: int, xla: bool) -> dict:
+    import dataclasses
+
     import tensorflow as tf
 
     from dgm_tf.engine import evaluate
@@ -233,8 +270,17 @@ def benchmark_task(config, scenario, task_index: int, xla: bool) -> dict:
         "generator": tf.function(lambda batch: trainer.generator_update(batch["y"]), jit_compile=xla),
     }
     floor = tf.function(floor_function(trainer), jit_compile=xla)
-    ms = _interleaved_medians({"iteration": step, "floor": floor, **phases}, (batch,), **timing)
+    self_timed = {}
+    if not xla:  # a run's loop never compiles with XLA (README, Performance)
+        real_epoch = real_path_epoch(method, scenario.tasks[task_index])
+        single = dataclasses.replace(config, epochs=1)
+        method.config = single  # one epoch per call; the schedule is still the run's per-batch s ramp
+        real_epoch(0)  # traces the loop's step, as a run's first step does
+        self_timed["real_path"] = real_epoch
+    ms = _interleaved_medians({"iteration": step, "floor": floor, **phases}, (batch,), **timing,
+                              self_timed=self_timed)
     iteration_ms, floor_ms = ms.pop("iteration"), ms.pop("floor")
+    real_ms = ms.pop("real_path", None)
     phase_ms = ms
 
     tasks = scenario.tasks[: task_index + 1]
@@ -251,6 +297,9 @@ def benchmark_task(config, scenario, task_index: int, xla: bool) -> dict:
         "phase_ms": phase_ms,
         "floor_ms": floor_ms,
         "ratio_to_floor": iteration_ms / floor_ms,
+        "real_path_ms": real_ms,
+        "real_path_ratio": None if real_ms is None else real_ms / iteration_ms,
+        "real_path_steps_per_epoch": int(method.train_dataset(scenario.tasks[task_index], 0).cardinality()),
         "trace_s": trace_s,
         "begin_task_s": begin_s,
         "replay_images": int(sum(len(y) for _, y in method.replay)),
@@ -262,10 +311,16 @@ def benchmark_task(config, scenario, task_index: int, xla: bool) -> dict:
     }
 
 
+def _opt(value, fmt: str) -> str:
+    width = int(fmt.split(".")[0])
+    return f"{'-':>{width}}" if value is None else format(value, fmt)
+
+
 def format_table(rows: list[dict]) -> str:
     head = (
         f"{'task':>4} {'precision':>14} {'xla':>5} {'iter ms':>8} {'clf ms':>7} {'critic':>7} {'gen ms':>7} "
-        f"{'floor':>7} {'ratio':>6} {'trace s':>7} {'replay s':>8} {'eval s':>6} {'img/s':>6} {'RSS MiB':>8}"
+        f"{'floor':>7} {'ratio':>6} {'real ms':>7} {'real/it':>7} {'trace s':>7} {'replay s':>8} {'eval s':>6} "
+        f"{'img/s':>6} {'RSS MiB':>8}"
     )
     lines = [head]
     for r in rows:
@@ -273,6 +328,7 @@ def format_table(rows: list[dict]) -> str:
         lines.append(
             f"{r['task']:>4} {r['precision']:>14} {str(r['xla']):>5} {r['iteration_ms']:>8.1f} {p['classifier']:>7.1f} "
             f"{p['critic']:>7.1f} {p['generator']:>7.1f} {r['floor_ms']:>7.1f} {r['ratio_to_floor']:>6.2f} "
+            f"{_opt(r['real_path_ms'], '7.1f')} {_opt(r['real_path_ratio'], '7.2f')} "
             f"{r['trace_s']:>7.2f} {r['begin_task_s']:>8.2f} {r['evaluation_s']:>6.2f} "
             f"{r['real_images_per_s']:>6.0f} {r['peak_rss_mib']:>8.0f}"
         )
