@@ -21,6 +21,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from dgm_tf.replica import replica_sum, replicas
+
 LOSS_SCALED_PRECISIONS = ("mixed_float16",)
 
 
@@ -48,3 +50,18 @@ def scaled_loss(optimizer, loss):
     if is_loss_scaled(optimizer):
         return optimizer.scale_loss(loss)
     return loss
+
+
+def agree_on_overflow(optimizer, grads):
+    """Under loss scaling on several replicas: every replica's gradients made non-finite
+    when any replica's are. Keras's ``LossScaleOptimizer`` decides to skip a step from
+    the first replica's own gradients, before the sum over replicas, so a share that
+    overflowed elsewhere would reach the weights (MirroredStrategy), or the workers
+    would disagree on entering the all-reduce and hang (MultiWorkerMirroredStrategy).
+    ``grads`` unchanged, no op added, on one replica or without loss scaling."""
+    if not is_loss_scaled(optimizer) or replicas() == 1:
+        return grads
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None])
+    overflowed = replica_sum(1.0 - tf.cast(finite, tf.float32))
+    poison = tf.where(overflowed > 0, float("nan"), 0.0)
+    return [None if g is None else g + tf.cast(poison, g.dtype) for g in grads]

@@ -154,3 +154,51 @@ def test_fp16_is_refused_where_gradients_are_not_loss_scaled():
         Config(method="nispa", precision=FP16)
     with pytest.raises(ConfigError, match="^--precision: dynamos runs in float32 only"):
         Config(method="dynamos", precision=FP16, replay_buffer=500)
+
+
+_TWO_REPLICAS = r"""
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from dgm_tf.loss_scaling import agree_on_overflow
+
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+for agree in (True, False):
+    with strategy.scope():
+        v = tf.Variable([1.0, 2.0])
+        opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.1))
+        opt.build([v])
+
+    @tf.function
+    def step():
+        def replica_fn():
+            rid = tf.distribute.get_replica_context().replica_id_in_sync_group
+            # Replica 0's share is finite, replica 1's overflowed.
+            g = tf.where(rid == 0, tf.constant([1.0, 1.0]), tf.constant([np.inf, 1.0]))
+            grads = agree_on_overflow(opt, [g]) if agree else [g]
+            opt.apply_gradients(zip(grads, [v]))
+        strategy.run(replica_fn)
+
+    step()
+    print("agree" if agree else "plain", v.numpy().tolist(), float(opt.dynamic_scale.numpy()))
+"""
+
+
+def test_fp16_an_overflow_on_one_replica_skips_the_step_on_all():
+    import subprocess
+    import sys
+
+    from tests.test_cli import REPO
+
+    proc = subprocess.run([sys.executable, "-c", _TWO_REPLICAS], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in proc.stdout.strip().splitlines()}
+    # With the agreement the step is skipped on both replicas and the scale halved.
+    assert lines["agree"] == "[1.0, 2.0] 16384.0"
+    # Without it Keras decides from replica 0's finite share and inf reaches the
+    # weights: what agree_on_overflow prevents (and proof that this test can fail).
+    weights = lines["plain"].split("]")[0]
+    assert "nan" in weights or "inf" in weights

@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from dgm_tf.config import Config
 from dgm_tf.data import Scenario, TaskData
-from dgm_tf.loss_scaling import maybe_loss_scaled, scaled_loss
+from dgm_tf.loss_scaling import agree_on_overflow, maybe_loss_scaled, scaled_loss
 from dgm_tf.methods.base import (
     ContinualMethod,
     TrackedTrainer,
@@ -92,6 +92,7 @@ class ClassifierTaskTrainer(TrackedTrainer):
             loss = c_share + batch_free(penalty)
             target = scaled_loss(self.optimizer, loss)  # mixed_float16 (dgm_tf.loss_scaling)
         grads = tape.gradient(target, self.trained_variables)
+        grads = agree_on_overflow(self.optimizer, grads)
         self.optimizer.apply_gradients(zip(grads, self.trained_variables))
         hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=y.dtype), y), tf.float32)
         c_loss, c_acc = replica_sum((c_share, global_mean(hits, n)))  # the global batch's

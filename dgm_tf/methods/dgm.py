@@ -31,7 +31,7 @@ from absl import logging
 
 from dgm_tf.config import Config
 from dgm_tf.data import Scenario, TaskData
-from dgm_tf.loss_scaling import loss_scale, maybe_loss_scaled, scaled_loss
+from dgm_tf.loss_scaling import agree_on_overflow, loss_scale, maybe_loss_scaled, scaled_loss
 from dgm_tf.methods.base import ContinualMethod, assign_weights, copy_weights, epoch_pipeline, fit_epochs
 from dgm_tf.models import Discriminator, Generator, activation_growth_channels, growth_channels
 from dgm_tf.models.resnet_critic import ResNet18Critic
@@ -248,6 +248,7 @@ class DGMTaskTrainer(keras.Model):
         # The reference (PyTorch 1.0) steps Adam on every discriminator parameter after
         # zero_grad(), so heads a loss does not reach still move with their momentum.
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
+        grads = agree_on_overflow(self.d_optimizer, grads)
         self.d_optimizer.apply_gradients(zip(grads, variables))
         hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels), tf.float32)
         if is_replay is not None:
@@ -308,6 +309,7 @@ class DGMTaskTrainer(keras.Model):
             target = scaled_loss(self.d_optimizer, loss)
         grads = tape.gradient(target, variables)
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
+        grads = agree_on_overflow(self.d_optimizer, grads)
         self.d_optimizer.apply_gradients(zip(grads, variables))
         return replica_sum((loss, gp, wasserstein))
 
