@@ -71,7 +71,9 @@ def _final_arrays(workdir):
     return latest.arrays
 
 
-@pytest.mark.parametrize("method", ["mas", "joint", "nispa"])
+# joint runs the classifier trainer MAS runs (with its memory as the replay rows):
+# under -m slow since the suite's 8-minute budget (session 9).
+@pytest.mark.parametrize("method", ["mas", pytest.param("joint", marks=pytest.mark.slow), "nispa"])
 def test_mirrored_on_two_devices_matches_one_device(tmp_path, method):
     runs = _driver(tmp_path, method)
     results = {d: json.loads((w / "results.json").read_text()) for d, w in runs.items()}
@@ -152,6 +154,7 @@ def test_mirrored_dgm_on_two_devices_matches_one_device(tmp_path, method):
             np.testing.assert_allclose(logs["mirrored"][tag], logs["none"][tag], rtol=1e-3, atol=1e-4, err_msg=tag)
 
 
+@pytest.mark.slow  # 16-18 s; under -m slow since the suite's 8-minute budget (session 9)
 def test_a_dynamos_step_on_two_replicas_is_one_devices_step(tmp_path):
     """One gated, rehearsing Dynamos step (every loss term active) from the same weights,
     batch and buffer: 2 replicas move the weights as one device within 1e-3 (measured
@@ -171,7 +174,7 @@ def test_a_dynamos_step_on_two_replicas_is_one_devices_step(tmp_path):
     assert float(result["buffer"]) < 1e-4
 
 
-@pytest.mark.slow  # 34 s; the one-step test above is the default run's Dynamos check
+@pytest.mark.slow  # 34 s; with the one-step test above, the Dynamos multi-device checks
 def test_mirrored_dynamos_runs_and_starts_as_one_device(tmp_path):
     """The tiny two-task run end to end on 2 replicas: the same checkpoints, tags and
     buffer shape as one device, and after the warm-up epoch the same weights. Past it
