@@ -45,7 +45,15 @@ def _train_function(trainer: keras.Model) -> Callable:
         outputs = strategy.run(trainer.train_step, args=(data,))
         return tf.nest.map_structure(lambda v: strategy.reduce(_MEAN, v, axis=None), outputs)
 
-    function = tf.function(one_step, reduce_retracing=True, jit_compile=False)
+    # No AutoGraph: every train_step writes its loops as tf.while_loop and branches only
+    # on Python values, so converting its source buys nothing, and the conversion (and
+    # the converted_call wrapper around every call inside) was about a third of each
+    # first step's time: 15.0-15.9 s against 23.4-26.7 s for DGMw's task-5 step, two
+    # interleaved pairs on a 2-core EPYC shared with two training runs, same losses
+    # (README, Performance, has the figures on the quiet machine). A tensor used as a
+    # Python bool fails loudly at trace time instead of being converted
+    # (tests/test_fit_loop.py).
+    function = tf.function(one_step, reduce_retracing=True, jit_compile=False, autograph=False)
     trainer._dgm_train_function = function
     return function
 

@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from dgm_tf.config import Config
 from dgm_tf.data import make_scenario
+from dgm_tf.fit_loop import _train_function
 from dgm_tf.methods.dgm import DGMa, DGMw, MaskScaleSchedule
 
 METHODS = {"dgmw": DGMw, "dgma": DGMa}
@@ -273,7 +274,13 @@ def run_case(scenario, kind, task_index, aux_g, clip_norm, seed=0, lr=LR, warm=W
     schedule.on_train_batch_begin(BATCH_INDEX)
     s_epoch, s = plain_s(kind, cfg.smax, EPOCH, EPOCHS, BATCH_INDEX, BATCH, num_examples)
     batch = next(iter(method.train_dataset(task, 0)))
-    step = tf.function(tr.train_step)
+    # The step exactly as a run traces it (fit_loop: one tf.function per trainer, the
+    # batch read from an iterator inside it, no AutoGraph).
+    traced = _train_function(tr)
+
+    def step(data):
+        return traced(iter(tf.data.Dataset.from_tensors(data)))
+
     for w in range(warm):  # see WARM
         step(next(iter(method.train_dataset(task, 1 + w))))
     variables, start = _state(method)

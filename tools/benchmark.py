@@ -259,7 +259,7 @@ def benchmark_task(config, scenario, task_index: int, xla: bool) -> dict:
     trainer.s_epoch.assign(100.0)
     timing = dict(warmup=FLAGS.warmup, iterations=FLAGS.iterations, repeats=FLAGS.repeats)
 
-    step = tf.function(trainer.train_step, jit_compile=xla)
+    step = tf.function(trainer.train_step, jit_compile=xla, autograph=False)  # as fit_loop traces it
     start = time.perf_counter()
     _block(step(batch))
     trace_s = time.perf_counter() - start
