@@ -41,14 +41,22 @@ def _seed(*keys):
     return dc.step_seed(keys[0], keys[1] if len(keys) > 1 else 0, keys[2] if len(keys) > 2 else 0, 0)
 
 
-def _stored_ids(memory):
-    filled = memory.filled.numpy()
-    return {int(v) for v in memory.examples.numpy()[filled, 0]}
+def _stream_runs(memory, batches, key, runs):
+    """For each run r: an empty memory offered ``batches`` in order with seeds
+    ``_seed(key, r, i)``; yields (stored stream ids, count, seen). One traced call per
+    run: the statistical tests need thousands of them."""
 
+    @tf.function
+    def one(run):
+        for v in memory.variables.values():
+            v.assign(tf.zeros_like(v))
+        for i, batch in enumerate(batches):
+            memory.add(*batch, _seed(key, run, i))
+        return memory.examples[:, 0], memory.filled, memory.count(), memory.seen.read_value()
 
-def _reset(memory):
-    for v in memory.variables.values():
-        v.assign(tf.zeros_like(v))
+    for run in range(runs):
+        ids, filled, count, seen = one(tf.constant(run, tf.int64))
+        yield {int(v) for v in ids.numpy()[filled.numpy()]}, int(count), int(seen)
 
 
 # ------------------------------------------------------------------ reservoir
@@ -62,14 +70,11 @@ def test_reservoir_keeps_every_subset_equally_likely():
     # 0..s (an off-by-one) always evicts for item 2: statistic in the thousands.
     runs = 3000
     counts = {pair: 0 for pair in itertools.combinations(range(4), 2)}
-    memory, add, _ = _memory(2)
+    memory, _, _ = _memory(2)
     batches = [tuple(tf.constant(a) for a in _stream(n, start)) for start, n in ((0, 1), (1, 2), (3, 1))]
-    for run in range(runs):
-        _reset(memory)
-        for i, batch in enumerate(batches):  # batches of 1, 2, 1 items
-            add(*batch, _seed(11, run, i))
-        assert int(memory.count()) == 2 and int(memory.seen.numpy()) == 4
-        counts[tuple(sorted(_stored_ids(memory)))] += 1
+    for stored, count, seen in _stream_runs(memory, batches, 11, runs):  # batches of 1, 2, 1 items
+        assert count == 2 and seen == 4
+        counts[tuple(sorted(stored))] += 1
     expected = runs / 6
     statistic = sum((c - expected) ** 2 / expected for c in counts.values())
     assert statistic < 36.0, counts
@@ -82,14 +87,11 @@ def test_reservoir_inclusion_frequency_is_size_over_stream_length():
     # per item, 2.3e-6 for any of the 60 (union bound).
     size, n, runs = 12, 60, 600
     inclusion = np.zeros(n)
-    memory, add, _ = _memory(size)
+    memory, _, _ = _memory(size)
     batches = [tuple(tf.constant(a) for a in _stream(min(7, n - start), start)) for start in range(0, n, 7)]
-    for run in range(runs):
-        _reset(memory)
-        for i, batch in enumerate(batches):
-            add(*batch, _seed(5, run, i))
-        assert int(memory.count()) == size
-        inclusion[sorted(_stored_ids(memory))] += 1
+    for stored, count, _ in _stream_runs(memory, batches, 5, runs):
+        assert count == size
+        inclusion[sorted(stored)] += 1
     assert np.abs(inclusion - runs * size / n).max() < 5.5 * math.sqrt(runs * 0.2 * 0.8), inclusion
 
 
