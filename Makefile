@@ -26,11 +26,12 @@ quickstart: $(BIN)/.installed
 	fi
 	$(BIN)/python -m dgm_tf.main --flagfile=configs/quickstart.cfg --workdir=$(QUICKSTART_DIR)
 
+# One pytest process per core, the modules split between them (tools/run_tests.py).
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python tools/run_tests.py
 
 test-slow: $(BIN)/.installed
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python tools/run_tests.py -m slow
 
 # Speed of one DGM iteration, its phases and its floor (tools/benchmark.py).
 benchmark: $(BIN)/.installed
