@@ -379,21 +379,37 @@ def models_config_text(names: Sequence[str], base_path: str = "/models") -> str:
 
 def export_task(method, scenario, version: int, export_root: pathlib.Path) -> dict[str, pathlib.Path]:
     """Export the method's classifier (and generator, if it has one) as ``version``."""
+    return prepare_task_export(method, scenario, version, export_root)()
+
+
+def prepare_task_export(method, scenario, version: int, export_root: pathlib.Path) -> Callable[[], dict]:
+    """``export_task`` in two halves: this one takes the networks the method exports
+    now; the function it returns writes them (it may run on another thread, as long as
+    nothing trains those networks meanwhile: ``dgm_tf.engine.writer``)."""
     network, logits_fn = method.classifier_for_export()
+    memory = method.generator_for_export()
     seen = [label for t in scenario.tasks[:version] for label in t.labels]
     class_ids = [scenario.class_order[label] for label in seen]
     class_names = [scenario.class_names[label] for label in seen]
-    written = {
-        "classifier": export_classifier(
-            export_root / "classifier", version, network, logits_fn, scenario.source_image_shape,
-            class_ids, class_names, model_size=scenario.image_shape[0],
-        )
-    }
-    memory = method.generator_for_export()
-    if memory is not None:
-        generator, s = memory
-        written["generator"] = export_generator(
-            export_root / "generator", version, generator, s, list(scenario.class_order), list(scenario.class_names)
-        )
-    io_utils.atomic_write_text(export_root / "models.config", models_config_text(sorted(written)))
-    return written
+    source_shape, model_size = scenario.source_image_shape, scenario.image_shape[0]
+    order, names = list(scenario.class_order), list(scenario.class_names)
+
+    def write() -> dict[str, pathlib.Path]:
+        written = {
+            "classifier": export_classifier(
+                export_root / "classifier", version, network, logits_fn, source_shape,
+                class_ids, class_names, model_size=model_size,
+            )
+        }
+        if memory is not None:
+            generator, s = memory
+            written["generator"] = export_generator(export_root / "generator", version, generator, s, order, names)
+        io_utils.atomic_write_text(export_root / "models.config", models_config_text(sorted(written)))
+        return written
+
+    return write
+
+
+def exported_models(method) -> tuple[str, ...]:
+    """The model names ``export_task`` writes for ``method``."""
+    return MODEL_NAMES if method.generator_for_export() is not None else MODEL_NAMES[:1]
