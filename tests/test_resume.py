@@ -107,7 +107,11 @@ def test_killed_writing_a_checkpoint_mid_task_and_during_export_resumes_to_the_s
     assert [n for n in names if n.isdigit()] == ["1"] and any(n.startswith(".tmp-2-") for n in names)
     proc = run_cli_as_killed(*FLAGS, f"--workdir={workdir}", "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "task 2, 2 epochs done" in proc.stderr
+    # Version 2 is written while task 3 begins (dgm_tf/engine/writer.py): the kill may
+    # come before task 2's end checkpoint (resumed from its last epoch's) or after it
+    # (resumed from the task's end, writing the missing version again).
+    assert ("task 2, 2 epochs done" in proc.stderr) != ("task 2, finished" in proc.stderr)
+    assert ("task 2, finished" in proc.stderr) == ("export version 2 of classifier and generator is missing" in proc.stderr)
     assert_same_run(reference, workdir)
     assert not any(p.name.startswith(".tmp") for p in (workdir / "export" / "classifier").iterdir())
 
@@ -138,6 +142,33 @@ def test_resuming_a_finished_run_changes_nothing_and_may_change_logging_cadence(
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (finished / "results.json").read_text() == before
     assert "task 3, finished" in proc.stderr
+
+
+def test_resume_writes_again_an_export_the_run_stopped_before_finishing(finished, tmp_path):
+    # A task's export is written while the next task trains (dgm_tf/engine/writer.py),
+    # so a run can stop after the task-end checkpoint but before its version is renamed
+    # in. Here version 3 of both models is missing from a finished run: resuming writes
+    # it again from the restored networks, and it serves what the original served.
+    originals = tmp_path / "originals"
+    originals.mkdir()
+    for model in ("classifier", "generator"):
+        shutil.move(finished / "export" / model / "3", originals / model)
+    proc = run_cli(*FLAGS, f"--workdir={finished}", "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "export version 3 of classifier and generator is missing" in proc.stderr
+    import tensorflow as tf
+
+    images = tf.constant(np.random.default_rng(0).integers(0, 256, (6, 28, 28, 1), dtype=np.uint8))
+    old = tf.saved_model.load(str(originals / "classifier")).signatures["serving_default"](images=images)
+    new = tf.saved_model.load(str(finished / "export" / "classifier" / "3")).signatures["serving_default"](images=images)
+    np.testing.assert_array_equal(old["probabilities"].numpy(), new["probabilities"].numpy())
+    request = dict(class_ids=tf.constant([1, 7, 8], tf.int64), seed=tf.constant([0, 1, 2], tf.int64))
+    old = tf.saved_model.load(str(originals / "generator")).signatures["serving_default"](**request)
+    new = tf.saved_model.load(str(finished / "export" / "generator" / "3")).signatures["serving_default"](**request)
+    np.testing.assert_array_equal(old["images"].numpy(), new["images"].numpy())
+    # Resuming again finds it in place and writes nothing.
+    proc = run_cli(*FLAGS, f"--workdir={finished}", "--resume")
+    assert proc.returncode == 0 and "is missing" not in proc.stderr
 
 
 def test_resume_with_other_flags_is_refused_with_the_differences(finished):

@@ -36,6 +36,7 @@ from dgm_tf.engine.evaluation import (
 )
 from dgm_tf.engine.resume import _rows_before_restore_best, check_resume, resume_checkpoint
 from dgm_tf.engine.timing import StepTimer, Stopwatch, TimedCallback
+from dgm_tf.engine.writer import BackgroundWriter, WaitForWriter
 from dgm_tf.methods import make_method
 from dgm_tf.methods.base import ContinualMethod
 from dgm_tf.workdir import WorkdirError, check_fresh, lock_workdir
@@ -131,7 +132,7 @@ def _run_in_workdir(config: Config, strategy, path: pathlib.Path, resume: bool) 
         # Every network, optimizer and trainer is created in the strategy's scope.
         if strategy is not None:
             stack.enter_context(strategy.scope())
-        results = _run_experiment(config, scenario, path, resume)
+        results = _run_experiment(config, scenario, path, resume, chief=is_chief(strategy))
         if config.distribution == "multi_worker":
             # Every worker logs it: equal lines show the workers stayed in step.
             logging.info("final weights sha256 %s (%s)", weights_digest(path), worker_name(strategy))
@@ -196,8 +197,10 @@ def _cluster_errors_reported(config: Config):
         ) from None
 
 
-def _run_experiment(config: Config, scenario: Scenario, path: pathlib.Path, resume: bool) -> dict:
-    """``run_experiment`` once the workdir is locked and the scenario built."""
+def _run_experiment(config: Config, scenario: Scenario, path: pathlib.Path, resume: bool, chief: bool = True) -> dict:
+    """``run_experiment`` once the workdir is locked and the scenario built (``chief``:
+    this process writes the run's exports; a multi_worker cluster's other workers do not
+    need them)."""
     if config.deterministic:
         import tensorflow as tf
 
@@ -228,6 +231,8 @@ def _run_experiment(config: Config, scenario: Scenario, path: pathlib.Path, resu
         monitor.restore(st["monitor"])
         if st["phase"] == "task_end":
             first_task = st["task"] + 1
+            if config.export and chief:
+                _export_missing(method, scenario, st["task"], path / "export")
         else:
             first_task, resume_mid_task = st["task"], True
         logging.info("resuming from %s: task %d, %s", latest.path, st["task"] + 1,
@@ -255,17 +260,22 @@ def _run_experiment(config: Config, scenario: Scenario, path: pathlib.Path, resu
         )
 
     results = _results(config, scenario, rows) if rows["acc"] else {}
+    writer = BackgroundWriter()
     try:
         for task in scenario.tasks[first_task:]:
             resume_from = latest if resume_mid_task and task.index == first_task else None
             try:
-                results = _run_task(config, scenario, path, method, monitor, task, rows, save, resume_from)
+                results = _run_task(config, scenario, path, method, monitor, task, rows, save, resume_from, writer)
             except io_utils.NonFiniteError as e:  # weights or generated images: as a non-finite loss
                 raise TrainingError(
                     f"{e} in task {task.index + 1}; nothing was saved from it, the checkpoints of earlier "
                     "epochs are kept (lower the learning rates in a new run)"
                 ) from None
+        writer.wait()
     except BaseException:
+        # A pending export is finished (or fails) before the process goes on: never a
+        # half-written version left behind by a clean stop.
+        writer.drain()
         # Flush what was written, also when training stops on an error; a failure to
         # close (the disk that just filled up) must not hide the error that stopped it.
         try:
@@ -278,12 +288,14 @@ def _run_experiment(config: Config, scenario: Scenario, path: pathlib.Path, resu
     return results
 
 
-def _run_task(config, scenario, path, method, monitor, task, rows, save, resume_from) -> dict:
+def _run_task(config, scenario, path, method, monitor, task, rows, save, resume_from, writer=None) -> dict:
     """One task: begin it (or restore it mid-task from the checkpoint ``resume_from``),
     train, evaluate the last epoch's classifier, put back the best validation epoch's
     (``--restore_best``) and evaluate it, end the task, write its outputs and
-    checkpoint; returns the results."""
+    checkpoint; returns the results. ``writer``: where the previous task's export may
+    still be being written (``dgm_tf.engine.writer``)."""
     T = scenario.num_tasks
+    writer = writer or BackgroundWriter()
     t = task.index
     start = time.perf_counter()
     if resume_from is not None:  # the method and the selection were restored by resume_checkpoint
@@ -310,6 +322,9 @@ def _run_task(config, scenario, path, method, monitor, task, rows, save, resume_
         ProgressLogger(t, T, budget, initial_epoch, at_most=own_loop),
         TimedCallback(monitor.callback(method, task), clock, "monitoring"),
         NonFiniteGuard(t),
+        # Before the epoch checkpoint: a mid-task checkpoint never precedes the previous
+        # task's export (dgm_tf/engine/writer.py).
+        TimedCallback(WaitForWriter(writer), clock, "export"),
         TimedCallback(EpochCheckpoint(lambda done: save("epoch", t, done, selection, elapsed(), clock)),
                       clock, "checkpoint"),
     ]
@@ -344,8 +359,17 @@ def _run_task(config, scenario, path, method, monitor, task, rows, save, resume_
     if config.export:
         with clock.phase("export"):
             check_finite_for_export(method, t)
-            exported = export.export_task(method, scenario, t + 1, path / "export")
-        logging.info("exported %s", ", ".join(f"{k} -> {v}" for k, v in sorted(exported.items())))
+            write = export.prepare_task_export(method, scenario, t + 1, path / "export")
+
+            def write_and_log():
+                exported = write()
+                logging.info("exported %s", ", ".join(f"{k} -> {v}" for k, v in sorted(exported.items())))
+
+            if _export_in_background(config, method, t, T):
+                writer.submit(f"export of version {t + 1}", write_and_log)
+            else:
+                writer.wait()
+                write_and_log()
     with clock.phase("evaluation"):
         rows["replay"].append(
             replay_accuracy(method, scenario, t, REPLAY_EVAL_PER_CLASS, seed=config.seed + 104729 * (t + 1))
@@ -376,6 +400,28 @@ def _run_task(config, scenario, path, method, monitor, task, rows, save, resume_
         ", ".join(f"{name} {seconds:.1f}s" for name, seconds in rows["time"][-1].items() if seconds),
     )
     return results
+
+
+def _export_in_background(config: Config, method: ContinualMethod, task: int, num_tasks: int) -> bool:
+    """Write this task's export while the next task trains (dgm_tf/engine/writer.py):
+    only when the next task trains new network objects, and not the last task's (there
+    is nothing left to overlap, and the run's final checkpoint follows its export).
+    On one device only: under a tf.distribute strategy the export stays in line (its
+    variables are the strategy's; WORKSPACE, "Performance")."""
+    return method.fresh_networks_each_task and task + 1 < num_tasks and config.distribution == "none"
+
+
+def _export_missing(method: ContinualMethod, scenario: Scenario, task: int, export_root: pathlib.Path) -> None:
+    """Write task ``task``'s export again if the run stopped after its task-end
+    checkpoint but before the export (written in the background) was complete; the
+    method was just restored from that checkpoint, so it holds the exported networks."""
+    version = task + 1
+    missing = [m for m in export.exported_models(method) if not (export_root / m / str(version)).is_dir()]
+    if missing:
+        logging.warning("export version %d of %s is missing (the run stopped while it was written): writing it again",
+                        version, " and ".join(missing))
+        check_finite_for_export(method, task)
+        export.export_task(method, scenario, version, export_root)
 
 
 def check_finite_for_export(method: ContinualMethod, task: int) -> None:

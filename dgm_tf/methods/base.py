@@ -25,6 +25,11 @@ class ContinualMethod(abc.ABC):
     """
 
     name: str = "method"
+    # True when begin_task always builds new network objects (a grown head, a grown
+    # generator, a fresh critic) and never changes the previous task's: the engine may
+    # then write task t's export while task t+1 trains (dgm_tf/engine/writer.py).
+    # Pinned per method by tests/test_background_export.py.
+    fresh_networks_each_task: bool = False
 
     def __init__(self, config: Config, scenario: Scenario):
         self.config = config

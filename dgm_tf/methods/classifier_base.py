@@ -118,6 +118,7 @@ class ClassifierBaseline(ContinualMethod):
     (``memory``), the penalty (``penalty_fn``) and what ``end_task`` consolidates."""
 
     name = "baseline"
+    fresh_networks_each_task = True  # the head grows into a new network (with_classes)
 
     def __init__(self, config: Config, scenario: Scenario):
         super().__init__(config, scenario)

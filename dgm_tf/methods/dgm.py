@@ -463,6 +463,7 @@ class DGM(ContinualMethod):
     """
 
     name = "dgm"
+    fresh_networks_each_task = True  # a grown generator and a new (or widened) discriminator
     mask_kind = "weight"  # "weight" (DGMw) or "activation" (DGMa)
     # DGMw anneals s within every epoch, DGMa once per epoch (DESIGN.md §2).
     s_per_batch = True

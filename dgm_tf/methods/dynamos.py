@@ -193,6 +193,7 @@ class Dynamos(ContinualMethod):
     """Dynamos (arXiv 2301.00620): the module docstring maps the reference to code."""
 
     name = "dynamos"
+    fresh_networks_each_task = True  # the head grows into a new network (with_classes)
 
     def __init__(self, config: Config, scenario: Scenario):
         super().__init__(config, scenario)

@@ -1,0 +1,92 @@
+"""A task's export written while the next task trains (issue 23).
+
+A SavedModel export is all CPU (tracing the serving signatures, then serializing:
+about 3-5 s per task on a 2-core EPYC, WORKSPACE "Performance") and reads nothing but
+the networks it exports. A method whose ``begin_task`` builds new network objects
+(``ContinualMethod.fresh_networks_each_task``) never touches the exported ones again,
+so the engine hands the export of task t to ``BackgroundWriter`` and goes on with task
+t+1 (its begin_task, its first step's tracing and first epoch) while it is written.
+
+Order and durability are kept by where the engine waits (``wait``):
+
+* before the next export (one write at a time: versions appear in order);
+* at the end of every epoch, before an epoch checkpoint can be written: a mid-task
+  checkpoint of task t+1 therefore always comes after version t+1 is complete;
+* before the run ends, and when it stops on an error.
+
+The task-end checkpoint of task t does not wait, so a crash can leave it without
+version t+1; resuming from it writes the missing version again from the restored
+networks (``engine.loop._export_missing``), which are those of the export.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import keras
+from absl import logging
+
+
+class BackgroundWriter:
+    """Runs one write at a time on a thread; ``wait`` joins it and re-raises its error."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._what = ""
+
+    @property
+    def pending(self) -> bool:
+        return self._thread is not None
+
+    def submit(self, what: str, write: Callable[[], None]) -> None:
+        """Wait for the previous write, then start ``write()`` on a thread."""
+        self.wait()
+        self._what, self._error = what, None
+
+        def run():
+            try:
+                write()
+            except BaseException as e:  # noqa: BLE001 (handed to the thread that waits)
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name=f"dgm_tf-writer-{what}", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> float:
+        """Block until the pending write (if any) is done; seconds waited. Re-raises the
+        write's exception in the waiting thread."""
+        if self._thread is None:
+            return 0.0
+        start = time.perf_counter()
+        self._thread.join()
+        self._thread = None
+        waited = time.perf_counter() - start
+        if waited > 0.05:
+            logging.debug("waited %.1fs for the %s", waited, self._what)
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+        return waited
+
+    def drain(self) -> None:
+        """``wait`` for a caller already stopping on another error: the write is finished
+        (or failed) before the process goes on, and its own error is logged, not raised."""
+        try:
+            self.wait()
+        except Exception as e:  # noqa: BLE001 (the error being raised is the one to report)
+            logging.warning("the %s failed too: %s", self._what, e)
+
+
+class WaitForWriter(keras.callbacks.Callback):
+    """Waits for ``writer`` at the end of every epoch (placed before the epoch
+    checkpoint among the callbacks)."""
+
+    def __init__(self, writer: BackgroundWriter):
+        super().__init__()
+        self.writer = writer
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.writer.wait()
