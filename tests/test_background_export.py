@@ -16,6 +16,7 @@ from dgm_tf.config import Config
 from dgm_tf.engine import loop
 from dgm_tf.engine.writer import BackgroundWriter
 from dgm_tf.methods import make_method
+from tests.dgm_helpers import train_task_with_hook
 from tests.test_baselines import tiny_config
 from tests.test_dynamos import TINY as DYNAMOS_TINY
 
@@ -46,6 +47,16 @@ def test_writer_runs_one_write_at_a_time_and_hands_errors_to_the_waiter():
     writer.submit("failing again", fails)
     writer.drain()  # a caller already stopping: logged, not raised
     assert not writer.pending
+    # Deferred: nothing runs before release (the next task's first step) or a wait.
+    started = threading.Event()
+    writer.submit("deferred", started.set, deferred=True)
+    assert not started.wait(0.5)
+    writer.release()
+    assert started.wait(30)
+    writer.wait()
+    writer.submit("deferred, then waited for", lambda: order.append("waited"), deferred=True)
+    writer.wait()  # releases it: never waits for a write that cannot start
+    assert order[-1] == "waited"
 
 
 @pytest.mark.parametrize("name", ["dgmw", "finetune", "mas", "joint", "dynamos", "nispa"])
@@ -83,7 +94,8 @@ def test_methods_that_allow_it_never_change_the_exported_networks(tiny_scenario,
 
 def test_export_overlaps_the_next_task_and_precedes_its_checkpoints(tmp_path, monkeypatch):
     """Fine-tuning, 3 tasks: version 1's SavedModel is written only once task 2 has begun
-    (the write blocks until then, so a run that exported in line would time out), it is
+    (the write blocks until then, so a run that exported in line would time out) and
+    after task 2's first step (the writer starts then), it is
     complete before task 2's first checkpoint, and the last version is written in line,
     before the run's final checkpoint. Each version classifies as its task's row of the
     accuracy matrix says (fine-tuning forgets, so the rows differ)."""
@@ -92,6 +104,7 @@ def test_export_overlaps_the_next_task_and_precedes_its_checkpoints(tmp_path, mo
 
     def save(module, directory, *a, **k):
         version = int(directory.name.split("-")[1])
+        events.append((f"start export {version}", threading.current_thread().name))
         if version == 1:
             assert begun.wait(60), "version 1 was written before task 2 began: not in the background"
             # Gives a checkpoint of task 2 that does not wait for this export time to
@@ -112,6 +125,9 @@ def test_export_overlaps_the_next_task_and_precedes_its_checkpoints(tmp_path, mo
             begun.set()
 
     monkeypatch.setattr(ClassifierBaseline, "begin_task", begin_task)
+    # Before task 2's second batch: its first step is done.
+    monkeypatch.setattr(ClassifierBaseline, "train_task", train_task_with_hook(
+        ClassifierBaseline.train_task, (1, 0, 1), lambda: events.append(("step 2", threading.current_thread().name))))
     checkpoint_save = CheckpointManager.save
 
     def save_checkpoint(self, state, *a, **k):
@@ -128,7 +144,8 @@ def test_export_overlaps_the_next_task_and_precedes_its_checkpoints(tmp_path, mo
     main = threading.current_thread().name
     assert dict(events)["export 1"].startswith("dgm_tf-writer")
     assert dict(events)["export 2"].startswith("dgm_tf-writer") and dict(events)["export 3"] == main
-    assert names.index("begin 2") < names.index("export 1") < names.index("checkpoint epoch 2")
+    assert names.index("begin 2") < names.index("step 2") < names.index("start export 1")
+    assert names.index("export 1") < names.index("checkpoint epoch 2")
     assert names.index("begin 3") < names.index("export 2") < names.index("checkpoint epoch 3")
     assert names.index("export 3") < names.index("checkpoint task_end 3") == len(names) - 1
     # Every version holds its own task's classifier.

@@ -36,7 +36,7 @@ from dgm_tf.engine.evaluation import (
 )
 from dgm_tf.engine.resume import _rows_before_restore_best, check_resume, resume_checkpoint
 from dgm_tf.engine.timing import StepTimer, Stopwatch, TimedCallback
-from dgm_tf.engine.writer import BackgroundWriter, WaitForWriter
+from dgm_tf.engine.writer import BackgroundWriter, WriterCallback
 from dgm_tf.methods import make_method
 from dgm_tf.methods.base import ContinualMethod
 from dgm_tf.workdir import WorkdirError, check_fresh, lock_workdir
@@ -322,9 +322,9 @@ def _run_task(config, scenario, path, method, monitor, task, rows, save, resume_
         ProgressLogger(t, T, budget, initial_epoch, at_most=own_loop),
         TimedCallback(monitor.callback(method, task), clock, "monitoring"),
         NonFiniteGuard(t),
-        # Before the epoch checkpoint: a mid-task checkpoint never precedes the previous
-        # task's export (dgm_tf/engine/writer.py).
-        TimedCallback(WaitForWriter(writer), clock, "export"),
+        # Starts the previous task's export after the first step; waits for it before the
+        # epoch checkpoint, which never precedes it (dgm_tf/engine/writer.py).
+        TimedCallback(WriterCallback(writer), clock, "export"),
         TimedCallback(EpochCheckpoint(lambda done: save("epoch", t, done, selection, elapsed(), clock)),
                       clock, "checkpoint"),
     ]
@@ -366,7 +366,7 @@ def _run_task(config, scenario, path, method, monitor, task, rows, save, resume_
                 logging.info("exported %s", ", ".join(f"{k} -> {v}" for k, v in sorted(exported.items())))
 
             if _export_in_background(config, method, t, T):
-                writer.submit(f"export of version {t + 1}", write_and_log)
+                writer.submit(f"export of version {t + 1}", write_and_log, deferred=True)
             else:
                 writer.wait()
                 write_and_log()

@@ -5,13 +5,20 @@ about 3-5 s per task on a 2-core EPYC, WORKSPACE "Performance") and reads nothin
 the networks it exports. A method whose ``begin_task`` builds new network objects
 (``ContinualMethod.fresh_networks_each_task``) never touches the exported ones again,
 so the engine hands the export of task t to ``BackgroundWriter`` and goes on with task
-t+1 (its begin_task, its first step's tracing and first epoch) while it is written.
+t+1 while it is written.
+
+The write starts only once task t+1's first training step is done (``release``, from
+``WriterCallback``). Started at once, it ran beside begin_task's replay generation and
+the replay evaluation, which use both cores themselves: on a 2-core EPYC a 10-task run
+moved 19 s of export into begin_task (+11 s) and evaluation (+4 s) and ended no faster
+(README, Performance). The steps after the first leave room an export can use.
 
 Order and durability are kept by where the engine waits (``wait``):
 
 * before the next export (one write at a time: versions appear in order);
 * at the end of every epoch, before an epoch checkpoint can be written: a mid-task
-  checkpoint of task t+1 therefore always comes after version t+1 is complete;
+  checkpoint of task t+1 therefore always comes after version t+1 is complete (a
+  wait releases a write not yet started, so it never waits for nothing);
 * before the run ends, and when it stops on an error.
 
 The task-end checkpoint of task t does not wait, so a crash can leave it without
@@ -36,17 +43,24 @@ class BackgroundWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._what = ""
+        self._go = threading.Event()
 
     @property
     def pending(self) -> bool:
         return self._thread is not None
 
-    def submit(self, what: str, write: Callable[[], None]) -> None:
-        """Wait for the previous write, then start ``write()`` on a thread."""
+    def submit(self, what: str, write: Callable[[], None], deferred: bool = False) -> None:
+        """Wait for the previous write, then run ``write()`` on a thread: at once, or
+        with ``deferred`` once ``release`` (or ``wait``) is called."""
         self.wait()
         self._what, self._error = what, None
+        self._go = threading.Event()
+        if not deferred:
+            self._go.set()
+        go = self._go
 
         def run():
+            go.wait()
             try:
                 write()
             except BaseException as e:  # noqa: BLE001 (handed to the thread that waits)
@@ -55,11 +69,16 @@ class BackgroundWriter:
         self._thread = threading.Thread(target=run, name=f"dgm_tf-writer-{what}", daemon=True)
         self._thread.start()
 
+    def release(self) -> None:
+        """Let a deferred write start (no effect otherwise)."""
+        self._go.set()
+
     def wait(self) -> float:
-        """Block until the pending write (if any) is done; seconds waited. Re-raises the
-        write's exception in the waiting thread."""
+        """Block until the pending write (if any) is done, releasing it first; seconds
+        waited. Re-raises the write's exception in the waiting thread."""
         if self._thread is None:
             return 0.0
+        self.release()
         start = time.perf_counter()
         self._thread.join()
         self._thread = None
@@ -80,13 +99,17 @@ class BackgroundWriter:
             logging.warning("the %s failed too: %s", self._what, e)
 
 
-class WaitForWriter(keras.callbacks.Callback):
-    """Waits for ``writer`` at the end of every epoch (placed before the epoch
-    checkpoint among the callbacks)."""
+class WriterCallback(keras.callbacks.Callback):
+    """Releases ``writer``'s deferred write after each training step (the first one
+    counts; later calls cost nothing) and waits for it at the end of every epoch
+    (placed before the epoch checkpoint among the callbacks)."""
 
     def __init__(self, writer: BackgroundWriter):
         super().__init__()
         self.writer = writer
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.writer.release()
 
     def on_epoch_end(self, epoch, logs=None):
         self.writer.wait()
