@@ -37,6 +37,25 @@ def test_shards_cover_every_module_once_and_balance_by_measured_seconds():
     assert len(rt.shard(modules[:2], {}, 4)) == 2
 
 
+def test_modules_sharing_an_expensive_fixture_stay_in_one_shard(tmp_path):
+    modules = [f"tests/test_{c}.py" for c in "abcd"]
+    seconds = dict(zip(modules, (40.0, 30.0, 20.0, 10.0)))
+    assert rt.shard(modules, seconds, 2) == [["tests/test_a.py", "tests/test_d.py"], ["tests/test_b.py", "tests/test_c.py"]]
+    # a and b both use the shared run: together (70 s) against c + d (30 s).
+    assert rt.shard(modules, seconds, 2, [["tests/test_a.py", "tests/test_b.py"]]) == [
+        ["tests/test_a.py", "tests/test_b.py"], ["tests/test_c.py", "tests/test_d.py"]]
+    (tmp_path / "tests").mkdir()
+    for m, text in zip(modules, ("def test(dgm_cli_run): pass", "x = 'dgm_cli_run'", "", "")):
+        (tmp_path / m).write_text(text)
+    assert rt.together(tmp_path, modules) == [["tests/test_a.py", "tests/test_b.py"]]
+    # This repository: every module that reads the shared CLI run is in one shard.
+    real = rt.test_modules(REPO)
+    users = next(g for g in rt.together(REPO, real))
+    assert {"tests/test_cli.py", "tests/test_resume.py"} <= set(users)
+    shards = rt.shard(real, rt.load_durations(REPO / rt.DURATIONS_FILE), 2, rt.together(REPO, real))
+    assert sum(1 for s in shards if set(users) & set(s)) == 1
+
+
 def test_module_seconds_sums_junit_cases_per_module(tmp_path):
     (tmp_path / "a.xml").write_text(textwrap.dedent("""\
         <testsuites><testsuite>

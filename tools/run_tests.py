@@ -11,7 +11,8 @@ pytest's (non-zero if any shard failed).
     python tools/run_tests.py --jobs=1        # one plain pytest process
     python tools/run_tests.py tests/test_export.py -k serving   # paths: one process, as given
 
-Shards hold whole modules (module fixtures are built once), balanced by each module's
+Shards hold whole modules (module fixtures are built once; modules sharing a costly
+session fixture, SHARED_FIXTURES, stay together), balanced by each module's
 measured seconds in ``tests/durations.json`` (longest first onto the least loaded
 shard); a module the table does not know counts as the median. The table only
 balances the shards: a stale one makes the run slower, never wrong.
@@ -38,6 +39,10 @@ import xml.etree.ElementTree as ET
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DURATIONS_FILE = "tests/durations.json"
 NO_TESTS = 5  # pytest's exit status when a selection collects nothing
+# Session fixtures that cost a whole run to build (tests/conftest.py's ``dgm_cli_run``
+# trains a 3-task DGMw through the CLI): the modules that name one go to one shard, so
+# the fixture is built once, not once per process.
+SHARED_FIXTURES = ("dgm_cli_run",)
 
 
 def default_jobs() -> int:
@@ -64,18 +69,38 @@ def load_durations(path: pathlib.Path) -> dict[str, float]:
         return {}
 
 
-def shard(modules: list[str], seconds: dict[str, float], jobs: int) -> list[list[str]]:
-    """Longest processing time first: each module, heaviest first, onto the shard with
-    the least time so far. Deterministic (ties by name and shard index)."""
+def together(repo: pathlib.Path, modules: list[str]) -> list[list[str]]:
+    """Groups of modules that must share a shard: those naming the same fixture of
+    ``SHARED_FIXTURES``."""
+    groups = []
+    for fixture in SHARED_FIXTURES:
+        group = [m for m in modules if fixture in (repo / m).read_text(errors="replace")]
+        if len(group) > 1:
+            groups.append(group)
+    return groups
+
+
+def shard(modules: list[str], seconds: dict[str, float], jobs: int,
+          groups: list[list[str]] = ()) -> list[list[str]]:
+    """Longest processing time first: each unit (a module, or a group of ``groups``
+    that must stay together), heaviest first, onto the shard with the least time so
+    far. Deterministic (ties by name and shard index)."""
     known = [seconds[m] for m in modules if m in seconds]
     default = statistics.median(known) if known else 1.0
     weight = {m: seconds.get(m, default) for m in modules}
+    units, grouped = [], set()
+    for group in groups:
+        unit = sorted(set(group) & set(modules) - grouped)
+        if unit:
+            units.append(unit)
+            grouped.update(unit)
+    units += [[m] for m in modules if m not in grouped]
     shards: list[list[str]] = [[] for _ in range(jobs)]
     load = [0.0] * jobs
-    for module in sorted(modules, key=lambda m: (-weight[m], m)):
+    for unit in sorted(units, key=lambda u: (-sum(weight[m] for m in u), u[0])):
         k = min(range(jobs), key=lambda i: (load[i], i))
-        shards[k].append(module)
-        load[k] += weight[module]
+        shards[k].extend(unit)
+        load[k] += sum(weight[m] for m in unit)
     return [sorted(s) for s in shards if s]
 
 
@@ -119,7 +144,7 @@ def main(argv: list[str] | None = None, repo: pathlib.Path = REPO) -> int:
 
     durations = repo / DURATIONS_FILE
     modules = test_modules(repo)
-    groups = shard(modules, load_durations(durations), ours.jobs)
+    groups = shard(modules, load_durations(durations), ours.jobs, together(repo, modules))
     with tempfile.TemporaryDirectory(prefix="dgm_tf_tests_") as tmp:
         tmp = pathlib.Path(tmp)
         procs = []
