@@ -1,7 +1,7 @@
 """A task's export written while the next task trains (issue 23).
 
 A SavedModel export is all CPU (tracing the serving signatures, then serializing:
-about 3-5 s per task on a 2-core EPYC, WORKSPACE "Performance") and reads nothing but
+1-4 s per task on session 12's 2-core EPYC, growing with the networks; README, Performance) and reads nothing but
 the networks it exports. A method whose ``begin_task`` builds new network objects
 (``ContinualMethod.fresh_networks_each_task``) never touches the exported ones again,
 so the engine hands the export of task t to ``BackgroundWriter`` and goes on with task
@@ -9,9 +9,9 @@ t+1 while it is written.
 
 The write starts only once task t+1's first training step is done (``release``, from
 ``WriterCallback``). Started at once, it ran beside begin_task's replay generation and
-the replay evaluation, which use both cores themselves: on a 2-core EPYC a 10-task run
-moved 19 s of export into begin_task (+11 s) and evaluation (+4 s) and ended no faster
-(README, Performance). The steps after the first leave room an export can use.
+the replay evaluation, which use both cores themselves: on a 2-core EPYC, 10-task runs
+moved 19 s of export into begin_task (about +10 s) and evaluation (about +3 s) and ended
+no faster (README, Performance). The steps after the first leave room an export can use.
 
 Order and durability are kept by where the engine waits (``wait``):
 
