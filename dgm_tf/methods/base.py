@@ -182,6 +182,16 @@ def assign_weights(model: keras.Model, values: Sequence[np.ndarray]) -> None:
         v.assign(value)
 
 
+def images_function(fn: Callable, image_shape: Sequence[int]) -> Callable:
+    """``fn`` as a ``tf.function`` of one float32 batch of ``image_shape`` images, of
+    any size, traced once. The evaluation passes call a method's inference function
+    with batches of several sizes (``EVAL_BATCH`` rows and each split's remainder: 500
+    and 400 for 900 validation images), and a function without a signature traces once
+    per size before ``reduce_retracing`` relaxes it: two traces per task, each a
+    noticeable part of a second (README, Performance; tests/test_evaluation_trace.py)."""
+    return tf.function(fn, input_signature=[tf.TensorSpec([None, *image_shape], tf.float32)])
+
+
 # Batches read ahead of the training step. Two hide the (millisecond) batch assembly
 # behind a step of 25+ ms; more only holds memory.
 _PREFETCH_BATCHES = 2

@@ -39,6 +39,7 @@ from dgm_tf.methods.base import (
     copy_weights,
     epoch_pipeline,
     fit_epochs,
+    images_function,
     load_variables,
     store_variables,
 )
@@ -193,7 +194,8 @@ class ClassifierBaseline(ContinualMethod):
 
     def _set_classifier(self) -> None:
         network = self.network
-        self._classify = tf.function(lambda x: network_logits(network, x, training=False), reduce_retracing=True)
+        self._classify = images_function(lambda x: network_logits(network, x, training=False),
+                                         self.scenario.image_shape)
 
     def epoch_arrays(self, task: TaskData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All (images, labels, is_replay) of one epoch of ``task``: the task's training

@@ -32,7 +32,9 @@ from absl import logging
 from dgm_tf.config import Config
 from dgm_tf.data import Scenario, TaskData
 from dgm_tf.loss_scaling import agree_on_overflow, loss_scale, maybe_loss_scaled, scaled_loss
-from dgm_tf.methods.base import ContinualMethod, assign_weights, copy_weights, epoch_pipeline, fit_epochs
+from dgm_tf.methods.base import (
+    ContinualMethod, assign_weights, copy_weights, epoch_pipeline, fit_epochs, images_function,
+)
 from dgm_tf.models import Discriminator, Generator, activation_growth_channels, growth_channels
 from dgm_tf.models.resnet_critic import ResNet18Critic
 from dgm_tf.replica import (
@@ -560,7 +562,7 @@ class DGM(ContinualMethod):
     def _set_classifier(self) -> None:
         """The compiled inference function of the current discriminator's class head."""
         discriminator = self.discriminator
-        self._classify = tf.function(lambda x: discriminator(x, training=False)[1], reduce_retracing=True)
+        self._classify = images_function(lambda x: discriminator(x, training=False)[1], self.scenario.image_shape)
 
     def _adam(self, lr: float):
         # PyTorch's Adam epsilon (1e-8), as the reference uses; Keras defaults to 1e-7.

@@ -66,6 +66,7 @@ from dgm_tf.methods.base import (
     copy_weights,
     epoch_pipeline,
     fit_epochs,
+    images_function,
     load_variables,
     store_variables,
 )
@@ -240,7 +241,7 @@ class Dynamos(ContinualMethod):
 
     def _set_classifier(self) -> None:
         network = self.network
-        self._classify = tf.function(lambda x: network.classify(x), reduce_retracing=True)
+        self._classify = images_function(lambda x: network.classify(x), self.scenario.image_shape)
 
     def train_dataset(self, task: TaskData, epoch: int) -> tf.data.Dataset:
         """Epoch ``epoch``'s batches in an order keyed by (seed, task, epoch), each row

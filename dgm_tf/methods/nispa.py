@@ -78,7 +78,7 @@ from dgm_tf.config import Config, ConfigError
 from dgm_tf.data import Scenario, TaskData
 from dgm_tf.layers.sparse_masked import mask_frozen_gradients
 from dgm_tf.methods import nispa_core as core
-from dgm_tf.methods.base import ContinualMethod, TrackedTrainer, epoch_pipeline, fit_epochs
+from dgm_tf.methods.base import ContinualMethod, TrackedTrainer, epoch_pipeline, fit_epochs, images_function
 from dgm_tf.models import nispa_nets  # a module: nispa_nets imports nispa_core through this package
 from dgm_tf.replica import global_count, global_mean, local_share, replica_sum
 
@@ -267,7 +267,7 @@ class NISPA(ContinualMethod):
         self.history: list[dict] = []
         self._st: _PhaseState | None = None
         network = self.network
-        self._logits_fn = tf.function(lambda x: network(x, training=False), reduce_retracing=True)
+        self._logits_fn = images_function(lambda x: network(x, training=False), self.scenario.image_shape)
         def unit_sums(x):  # per hidden unit layer, activations summed over batch (and space)
             return [tf.reduce_sum(tf.reshape(a, [-1, tf.shape(a)[-1]]), axis=0) for a in network.unit_activations(x)]
 
