@@ -630,3 +630,39 @@ def test_several_classes_per_task_without_aux_g_warns(embedded_raw, caplog):
     with caplog.at_level("WARNING"):
         DGMw(_tiny_config(class_order=(1, 7, 8, 9), classes_per_task=2, aux_g=True), scenario)
     assert not any("--aux_g" in r.getMessage() for r in caplog.records)
+
+
+def test_epoch_dataset_is_the_keyed_order_zipped_with_one_batch_per_replay_set(tiny_scenario):
+    """``train_dataset``: epoch e's real data in the permutation keyed by (seed, task,
+    epoch), batched, each batch paired with the next batch of every replay set's stream of
+    fresh keyed permutations; no replay keys at task 0; the same epoch twice is the same
+    data (a resumed run reads what an uninterrupted one read)."""
+    from dgm_tf.methods.dgm import _DATA_STREAM
+
+    config = _tiny_config(batch_size=24)  # 64 images: batches of 24, 24 and 16
+    method = DGMw(config, tiny_scenario)
+    t0, t1 = tiny_scenario.tasks[:2]
+    method.begin_task(t0)
+    first = list(method.train_dataset(t0, 0))
+    assert [sorted(b) for b in first] == [["x", "y"]] * 3
+    method.end_task(t0)
+    method.begin_task(t1)
+    assert len(method.replay) == 1
+    batches = list(method.train_dataset(t1, 3))
+    order = np.random.default_rng((config.seed, _DATA_STREAM, 1, 3)).permutation(64)
+    stream_rng = np.random.default_rng((config.seed, _DATA_STREAM, 1, 3, 1))
+    replay_x, replay_y = method.replay[0]
+    stream = np.concatenate([stream_rng.permutation(len(replay_y)) for _ in range(-(-72 // len(replay_y)))])[:72]
+    assert [len(b["y"]) for b in batches] == [24, 24, 16]
+    for k, batch in enumerate(batches):
+        rows = order[24 * k: 24 * (k + 1)]
+        np.testing.assert_array_equal(batch["x"].numpy(), t1.x_train[rows])
+        np.testing.assert_array_equal(batch["y"].numpy(), t1.y_train[rows])
+        replayed = stream[24 * k: 24 * (k + 1)]  # always a whole batch
+        np.testing.assert_array_equal(batch["replay_x"][0].numpy(), replay_x[replayed])
+        np.testing.assert_array_equal(batch["replay_y"][0].numpy(), replay_y[replayed])
+    again = list(method.train_dataset(t1, 3))
+    for a, b in zip(batches, again):
+        for key in ("x", "y"):
+            np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
+

@@ -170,7 +170,7 @@ class DGMTaskTrainer(keras.Model):
     ``MaskScaleSchedule`` assigns before every batch, so changing s needs no retrace.
 
     Inputs per step: ``{"x", "y", "replay_x": tuple, "replay_y": tuple}`` with one
-    replay entry per past task.
+    replay entry per past task (the first task's batches have no replay keys).
     """
 
     def __init__(
@@ -605,24 +605,24 @@ class DGM(ContinualMethod):
         n = len(task.x_train)
         rng = np.random.default_rng((cfg.seed, _DATA_STREAM, task.index, epoch))
         order = rng.permutation(n)
-        real = tf.data.Dataset.from_tensor_slices((task.x_train[order], task.y_train[order].astype(np.int32)))
+
+        def batches(array):
+            return tf.data.Dataset.from_tensor_slices(array).batch(cfg.batch_size)
+
         steps = -(-n // cfg.batch_size)
-        replays = []
+        replay_x, replay_y = [], []
         for i, (x, y) in enumerate(self.replay):
             needed = steps * cfg.batch_size
             stream_rng = np.random.default_rng((cfg.seed, _DATA_STREAM, task.index, epoch, i + 1))
             idx = np.concatenate([stream_rng.permutation(len(y)) for _ in range(-(-needed // len(y)))])[:needed]
-            replays.append(tf.data.Dataset.from_tensor_slices((x[idx], y[idx])).batch(cfg.batch_size))
-
-        def to_inputs(real_batch, *replay_batches):
-            return {
-                "x": real_batch[0],
-                "y": real_batch[1],
-                "replay_x": tuple(r[0] for r in replay_batches),
-                "replay_y": tuple(r[1] for r in replay_batches),
-            }
-
-        return epoch_pipeline(tf.data.Dataset.zip((real.batch(cfg.batch_size),) + tuple(replays)).map(to_inputs))
+            replay_x.append(batches(x[idx]))
+            replay_y.append(batches(y[idx]))
+        # The step's input dict zipped from its parts: a ``map`` that built it would trace
+        # (and AutoGraph-convert) its function again for every epoch's new dataset.
+        inputs = {"x": batches(task.x_train[order]), "y": batches(task.y_train[order].astype(np.int32))}
+        if replay_x:
+            inputs.update(replay_x=tuple(replay_x), replay_y=tuple(replay_y))
+        return epoch_pipeline(tf.data.Dataset.zip(inputs))
 
     def train_task(
         self, task: TaskData, callbacks: Sequence[keras.callbacks.Callback], initial_epoch: int = 0
