@@ -52,6 +52,21 @@ def assert_same_run(reference, workdir) -> None:
         np.testing.assert_array_equal(a.arrays[key], b.arrays[key], err_msg=key)
 
 
+def assert_served_accuracy_matches(outputs, expected, recorded: float) -> None:
+    """A SavedModel's answers on a task's test images give the accuracy the engine
+    recorded for it, up to near-ties: the export and the engine's evaluation batch the
+    images differently, so probabilities may differ in the last bits (~1e-7) and only an
+    image whose two top classes lie that close (< 1e-5) may change its answer. With one
+    class there is no tie."""
+    probabilities = outputs["probabilities"].numpy()
+    accuracy = float(np.mean(outputs["class_ids"].numpy() == expected))
+    ties = 0
+    if probabilities.shape[1] > 1:
+        top2 = np.sort(probabilities, axis=1)[:, -2:]
+        ties = int(np.sum(top2[:, 1] - top2[:, 0] < 1e-5))
+    assert abs(accuracy - recorded) <= (ties + 1e-9) / len(expected), (accuracy, recorded, ties)
+
+
 def mock_labelled_tfds(per_class_train: int, per_class_test: int):
     """``tfds.testing.mock_data`` whose ``as_dataset`` yields every class of the builder,
     ``per_class_train`` (train split) or ``per_class_test`` images each, pixels around

@@ -27,6 +27,7 @@ from dgm_tf.methods.mas import (
     per_sample_abs_output_gradients,
 )
 from dgm_tf.models.classifier import CNNClassifier
+from tests.dgm_helpers import assert_served_accuracy_matches
 from tests.test_cli import REPO, parse_flags, run_cli
 from tests.test_resume import run_killed
 
@@ -314,15 +315,9 @@ def test_exported_classifier_reproduces_the_accuracies(runs):
     serve = tf.saved_model.load(str(workdir / "export" / "classifier" / "2")).signatures["serving_float"]
     scenario = engine.build_scenario(tiny_config("mas"))
     for j, task in enumerate(scenario.tasks):
-        out = serve(images=tf.constant(task.x_test))
-        ids = out["class_ids"].numpy()
         expected = np.array([scenario.class_order[y] for y in task.y_test])
-        # The SavedModel and the engine's evaluation batch the images differently, so
-        # probabilities may differ in the last bits (~1e-7): only an image whose two top
-        # classes lie that close can change its answer.
-        top2 = np.sort(out["probabilities"].numpy(), axis=1)[:, -2:]
-        ties = int(np.sum(top2[:, 1] - top2[:, 0] < 1e-5))
-        assert abs(np.mean(ids == expected) - results["accuracy_matrix"][1][j]) <= (ties + 1e-9) / len(ids)
+        assert_served_accuracy_matches(serve(images=tf.constant(task.x_test)), expected,
+                                       results["accuracy_matrix"][1][j])
 
 
 def test_cnn_classifier_end_to_end(tmp_path):
