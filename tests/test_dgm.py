@@ -665,6 +665,19 @@ def test_epoch_dataset_is_the_keyed_order_zipped_with_one_batch_per_replay_set(t
     for a, b in zip(batches, again):
         for key in ("x", "y"):
             np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
+    # Two replay sets: position i of the tuples is set i's own stream (key i + 1).
+    t2 = tiny_scenario.tasks[2]
+    method.end_task(t1)
+    method.begin_task(t2)
+    assert len(method.replay) == 2
+    batches = list(method.train_dataset(t2, 1))
+    for i, (replay_x, replay_y) in enumerate(method.replay):
+        stream_rng = np.random.default_rng((config.seed, _DATA_STREAM, 2, 1, i + 1))
+        stream = np.concatenate([stream_rng.permutation(len(replay_y)) for _ in range(-(-72 // len(replay_y)))])
+        for k, batch in enumerate(batches):
+            assert len(batch["replay_x"]) == 2
+            np.testing.assert_array_equal(batch["replay_x"][i].numpy(), replay_x[stream[24 * k: 24 * (k + 1)]])
+            np.testing.assert_array_equal(batch["replay_y"][i].numpy(), replay_y[stream[24 * k: 24 * (k + 1)]])
 
 
 def test_generate_draws_noise_256_rows_at_a_time_whatever_its_call_size(tiny_scenario):

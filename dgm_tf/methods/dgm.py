@@ -615,8 +615,8 @@ class DGM(ContinualMethod):
         rng = np.random.default_rng((cfg.seed, _DATA_STREAM, task.index, epoch))
         order = rng.permutation(n)
 
-        def batches(array):
-            return tf.data.Dataset.from_tensor_slices(array).batch(cfg.batch_size)
+        def batches(arrays):
+            return tf.data.Dataset.from_tensor_slices(arrays).batch(cfg.batch_size)
 
         steps = -(-n // cfg.batch_size)
         replay_x, replay_y = [], []
@@ -624,13 +624,16 @@ class DGM(ContinualMethod):
             needed = steps * cfg.batch_size
             stream_rng = np.random.default_rng((cfg.seed, _DATA_STREAM, task.index, epoch, i + 1))
             idx = np.concatenate([stream_rng.permutation(len(y)) for _ in range(-(-needed // len(y)))])[:needed]
-            replay_x.append(batches(x[idx]))
-            replay_y.append(batches(y[idx]))
+            replay_x.append(x[idx])
+            replay_y.append(y[idx])
         # The step's input dict zipped from its parts: a ``map`` that built it would trace
-        # (and AutoGraph-convert) its function again for every epoch's new dataset.
+        # (and AutoGraph-convert) its function again for every epoch's new dataset. The
+        # replay streams are one dataset of tuples each for images and labels (all have
+        # ``needed`` rows): two datasets per epoch, not two per earlier task, whose
+        # creation was part of every epoch's ``other`` time at late tasks.
         inputs = {"x": batches(task.x_train[order]), "y": batches(task.y_train[order].astype(np.int32))}
         if replay_x:
-            inputs.update(replay_x=tuple(replay_x), replay_y=tuple(replay_y))
+            inputs.update(replay_x=batches(tuple(replay_x)), replay_y=batches(tuple(replay_y)))
         return epoch_pipeline(tf.data.Dataset.zip(inputs))
 
     def train_task(
