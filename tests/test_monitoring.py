@@ -111,6 +111,14 @@ def test_images_and_text(run):
     _, value = _values(acc, "eval/samples")[-1]
     png = tf.io.decode_png(value[2]).numpy()
     assert png.shape[0] == 3 * 34 + 2  # one row per seen class (32 px + 2 padding)
+    # Per epoch, the task's own class only (one row). Its row is the one the task-end
+    # grid draws for it: same seed, and the generator is not trained after the last epoch.
+    epoch_grids = _values(acc, "task_3/samples")
+    assert len(epoch_grids) == 2  # validated every epoch here, 2 epochs
+    last_epoch = tf.io.decode_png(epoch_grids[-1][1][2]).numpy()
+    assert last_epoch.shape == (34 + 2, png.shape[1], png.shape[2])
+    np.testing.assert_array_equal(last_epoch[2:34], png[2 + 2 * 34 : 2 + 2 * 34 + 32])
+    assert not np.array_equal(last_epoch[2:34], png[2:34])  # not another class's row
     _, matrix = _values(acc, "eval/accuracy_matrix")[-1]
     assert tf.io.decode_png(matrix[2]).shape == (72, 72, 3)
     _, flags = _values(acc, "config/flags")[0]
