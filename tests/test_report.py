@@ -203,6 +203,7 @@ def test_table_has_mean_and_sample_sd_over_seeds_and_marks_single_runs(tmp_path,
     assert m["replay accuracy"] == "–" and m["memory after the last task"] == "–" and m["wall time"] == "3.5 s"
     assert rows["joint"]["memory after the last task"] == "1,020 stored images"
     assert "±" not in "".join(m.values()) + "".join(rows["joint"].values())
+    assert "Where the time went" not in md  # these results.json carry no time breakdown
 
 
 def test_memory_is_generator_params_or_stored_images():
@@ -498,6 +499,20 @@ def test_a_real_run_goes_through_the_report(dgm_cli_run, tmp_path):
     assert png_size(out / "matrix_wd.png") == (560, 480) and png_size(out / "capacity_wd.png") == (1000, 400)
     assert (out / "samples/wd_task_03.png").read_bytes() == (workdir / "samples/task_03.png").read_bytes()
     assert "Missing:" not in md
+    # Where the time went: each phase summed over the tasks, largest first, adding up to
+    # the wall time; the share of it that is not training steps (issue 23's measure).
+    [phases] = [t for t in tables(md) if t and "phase" in t[0]]
+    seconds = {r["phase"].strip("`"): float(r["seconds"]) for r in phases}
+    rows = results["time_breakdown_s"]
+    assert len(rows) == 3 and seconds == {k: pytest.approx(sum(r[k] for r in rows), abs=0.051) for k in rows[0]}
+    assert list(seconds.values()) == sorted(seconds.values(), reverse=True)
+    wall = sum(results["wall_time_s"])
+    assert sum(seconds.values()) == pytest.approx(wall, abs=0.06 * len(seconds))
+    for r in phases:
+        assert float(r["share of wall time"].removesuffix(" %")) == pytest.approx(
+            100 * seconds[r["phase"].strip("`")] / wall, abs=0.2)
+    non_step = 100 * (wall - sum(r["iterations"] for r in rows)) / wall
+    assert f"Not training steps (wall time less `iterations`): {non_step:.1f} %." in md
 
 
 @pytest.mark.slow

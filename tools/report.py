@@ -1,6 +1,6 @@
 r"""A results report over finished runs: tables with a spread over seeds, A_t curves,
-accuracy matrices and, for DGM, the generative memory's size, free capacity and last
-sample grid.
+accuracy matrices, where each run's time went and, for DGM, the generative memory's
+size, free capacity and last sample grid.
 
     python tools/report.py runs/dgmw_s0 runs/dgmw_s1 runs/mas_s0 --out runs/report
     dgm-tf-report runs/* --out runs/report          # the same, once installed with .[report]
@@ -380,6 +380,20 @@ def replay_mean(run: Run) -> float | None:
 def wall_time(run: Run) -> float | None:
     w = run.results.get("wall_time_s")
     return None if w is None else float(math.fsum(w))
+
+
+def time_breakdown(run: Run) -> list[tuple[str, float]] | None:
+    """Seconds per phase of results.json ``time_breakdown_s`` summed over the tasks
+    done, largest first (the phases and ``other`` add up to ``wall_time_s``); None when
+    a task has no breakdown (results.json written before it was recorded)."""
+    rows = run.results.get("time_breakdown_s") or []
+    if not rows or not all(rows) or len(rows) != len(run.results.get("wall_time_s") or []):
+        return None
+    totals: dict[str, list[float]] = {}
+    for row in rows:
+        for phase, seconds in row.items():
+            totals.setdefault(phase, []).append(float(seconds))
+    return sorted(((phase, math.fsum(v)) for phase, v in totals.items()), key=lambda kv: -kv[1])
 
 
 # Table columns: (header, value of a run, decimals, signed). {T} is the scenario's task count.
@@ -856,6 +870,19 @@ def _run_section(out: pathlib.Path, run: Run, group: Group | None) -> list[str]:
         matrix = f"matrix_{run.run_id}.png"
         plot_matrix(out / matrix, run)
         lines += [f"![accuracy matrix of {run.run_id}]({matrix})", ""]
+    phases = time_breakdown(run) if run.tasks_completed else None
+    wall = wall_time(run)
+    if phases and wall:
+        lines += [f"Where the time went (results.json `time_breakdown_s`, summed over {run.tasks_completed} "
+                  f"task(s), {wall:.1f} s of wall time):", ""]
+        lines += _md_table(["phase", "seconds", "share of wall time"],
+                           [[f"`{phase}`", f"{seconds:.1f}", f"{100 * seconds / wall:.1f} %"] for phase, seconds in phases])
+        steps = dict(phases).get("iterations")
+        if steps is not None:
+            # Issue 23's measure: all but the training steps after each task's first.
+            lines += ["", f"Not training steps (wall time less `iterations`): {100 * (wall - steps) / wall:.1f} %.", ""]
+        else:
+            lines.append("")
     if run.is_generative:
         capacity = f"capacity_{run.run_id}.png"
         notes = plot_capacity(out / capacity, run)
