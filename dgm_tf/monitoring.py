@@ -25,6 +25,9 @@ versions:
   ``capacity/<layer>/growth_channels`` (planned for the next task).
 * ``replay/<class>``: the current classifier's accuracy on generated images of each
   seen class (step = tasks done).
+* ``time/<phase>``, ``time/wall`` and ``time/non_step_fraction``: the task's seconds per
+  phase (results.json ``time_breakdown_s``), its wall time and the share of it that is
+  not training steps (wall less ``iterations``, over wall; step = tasks done).
 * ``config/flags`` (text) and an HParams record of the resolved config whose metric is
   ``eval/A_t``, so runs compare in the HParams dashboard.
 """
@@ -162,6 +165,14 @@ class Monitor:
                 self.last_params = params
             for layer, add in zip(("conv1", "conv2", "conv3"), summary.get("growth_channels") or ()):
                 tf.summary.scalar(f"capacity/{layer}/growth_channels", add)
+            phases = (results.get("time_breakdown_s") or [])[task_index : task_index + 1]
+            wall = (results.get("wall_time_s") or [])[task_index : task_index + 1]
+            if phases and wall and wall[0] > 0:
+                for phase, seconds in phases[0].items():
+                    tf.summary.scalar(f"time/{phase}", seconds)
+                tf.summary.scalar("time/wall", wall[0])
+                if "iterations" in phases[0]:
+                    tf.summary.scalar("time/non_step_fraction", (wall[0] - phases[0]["iterations"]) / wall[0])
         self.writer.flush()
 
 

@@ -84,6 +84,13 @@ def test_per_task_evaluation_matches_results_json(run):
     # Replay quality per class, the same numbers as results.json.
     assert _scalars(acc, "replay/00_Trouser")[-1][1] == pytest.approx(results["replay_accuracy"][2][0])
     assert _scalars(acc, "replay/02_Bag") == [(3, pytest.approx(results["replay_accuracy"][2][2]))]
+    # Where each task's time went, as results.json records it.
+    for phase in ("iterations", "first_step", "validation", "checkpoint", "other"):
+        assert _scalars(acc, f"time/{phase}") == [
+            (t + 1, pytest.approx(row[phase], abs=1e-4)) for t, row in enumerate(results["time_breakdown_s"])]
+    assert [v for _, v in _scalars(acc, "time/wall")] == pytest.approx(results["wall_time_s"], abs=1e-4)
+    assert [v for _, v in _scalars(acc, "time/non_step_fraction")] == pytest.approx(
+        [(w - row["iterations"]) / w for w, row in zip(results["wall_time_s"], results["time_breakdown_s"])], abs=1e-5)
 
 
 def test_capacity_numbers_match_the_generator(run):
