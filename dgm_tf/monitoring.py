@@ -238,9 +238,9 @@ class MonitorCallback(keras.callbacks.Callback):
 
 def sample_grid(method, scenario, task: int, per_class: int, seed: int, labels=None) -> np.ndarray | None:
     """uint8 grid of generated images: one row per class of ``labels`` (default: every
-    class seen up to ``task``), ``per_class`` columns. A class's row depends only on the
-    seed and the generator (DGM draws each task's noise from ``seed`` + that task), so
-    it is the same in a grid of fewer classes."""
+    class seen up to ``task``), ``per_class`` columns. DGM draws each task's noise from
+    ``seed`` + that task, in label order, so a class's row is the same in any grid of
+    whole tasks (the per-epoch grid holds one task, the task-end grid all seen ones)."""
     if labels is None:
         labels = [label for t in scenario.tasks[: task + 1] for label in t.labels]
     labels = np.repeat(np.array(labels, np.int32), per_class)

@@ -662,15 +662,24 @@ def test_epoch_dataset_is_the_keyed_order_zipped_with_one_batch_per_replay_set(t
         np.testing.assert_array_equal(batch["replay_x"][0].numpy(), replay_x[replayed])
         np.testing.assert_array_equal(batch["replay_y"][0].numpy(), replay_y[replayed])
     again = list(method.train_dataset(t1, 3))
+    assert len(again) == len(batches)
     for a, b in zip(batches, again):
         for key in ("x", "y"):
             np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
-    # Two replay sets: position i of the tuples is set i's own stream (key i + 1).
+        for key in ("replay_x", "replay_y"):
+            np.testing.assert_array_equal(a[key][0].numpy(), b[key][0].numpy())
+    # Two replay sets: position i of the tuples is set i's own stream (key i + 1), and
+    # every position has the batch signature the traced step was made for.
     t2 = tiny_scenario.tasks[2]
     method.end_task(t1)
     method.begin_task(t2)
     assert len(method.replay) == 2
-    batches = list(method.train_dataset(t2, 1))
+    dataset = method.train_dataset(t2, 1)
+    image_spec = tf.TensorSpec([None, *tiny_scenario.image_shape], tf.float32)
+    assert dataset.element_spec["replay_x"] == (image_spec, image_spec)
+    assert dataset.element_spec["replay_y"] == (tf.TensorSpec([None], tf.int32),) * 2
+    batches = list(dataset)
+    assert len(batches) == 3
     for i, (replay_x, replay_y) in enumerate(method.replay):
         stream_rng = np.random.default_rng((config.seed, _DATA_STREAM, 2, 1, i + 1))
         stream = np.concatenate([stream_rng.permutation(len(replay_y)) for _ in range(-(-72 // len(replay_y)))])

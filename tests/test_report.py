@@ -3,6 +3,7 @@ synthetic run directories with known numbers; and one real run end to end."""
 
 import importlib.util
 import json
+import math
 import pathlib
 import struct
 import subprocess
@@ -399,6 +400,14 @@ def _not_a_dir(root):
                   '"accuracy_matrix": [[1.0]], "average_accuracy": [1.0]}'),
      "'tasks_completed' must be an integer in 0..1"),
     (_bad_results(b'{"method": "\xff"}'), "results.json: not UTF-8 text"),
+    (_bad_results(json.dumps({"method": "dgmw", "dataset": "d", "class_order": [1], "tasks": [[1]],
+                              "tasks_completed": 1, "accuracy_matrix": [[1.0]], "average_accuracy": [1.0],
+                              "wall_time_s": [3.0], "time_breakdown_s": [{"iterations": "2 s"}]})),
+     "'time_breakdown_s' row 0 must be null or an object of seconds per phase"),
+    (_bad_results(json.dumps({"method": "dgmw", "dataset": "d", "class_order": [1], "tasks": [[1]],
+                              "tasks_completed": 1, "accuracy_matrix": [[1.0]], "average_accuracy": [1.0],
+                              "time_breakdown_s": [[2.0]]})),
+     "'time_breakdown_s' row 0 must be null or an object of seconds per phase"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, make, words):
     good = write_run(tmp_path / "runs", "good")
@@ -512,7 +521,8 @@ def test_a_real_run_goes_through_the_report(dgm_cli_run, tmp_path):
         phase = r["phase"].strip("`")
         share = float(r["share of wall time"].removesuffix(" %"))
         assert share == pytest.approx(100 * sum(row[phase] for row in rows) / wall, abs=0.051)
-    non_step = 100 * (wall - sum(r["iterations"] for r in rows)) / wall
+    wall = math.fsum(results["wall_time_s"])  # as the tool sums them
+    non_step = 100 * (wall - math.fsum(r["iterations"] for r in rows)) / wall
     assert f"Not training steps (wall time less `iterations`): {non_step:.1f} %." in md
 
 

@@ -260,11 +260,16 @@ def _check_results(path: pathlib.Path, r: Any) -> dict:
     for key in ("average_forgetting", "bwt"):
         if r.get(key) is not None and not _is_number(r[key]):
             raise bad(f"{key!r} must be a number or null")
-    for key in ("wall_time_s", "generator_params", "replay_accuracy", "method_state"):
+    for key in ("wall_time_s", "time_breakdown_s", "generator_params", "replay_accuracy", "method_state"):
         if r.get(key) is not None and (not isinstance(r[key], list) or len(r[key]) != done):
             raise bad(f"{key!r} must be a list with one entry per completed task ({done})")
     if r.get("wall_time_s") is not None and not all(_is_number(w) and w >= 0 for w in r["wall_time_s"]):
         raise bad("'wall_time_s' must hold non-negative seconds")
+    for t, row in enumerate(r.get("time_breakdown_s") or []):
+        # ``other`` (wall time no phase claims) may round to a hair below zero.
+        if row is not None and (not isinstance(row, dict) or not all(
+                isinstance(k, str) and _is_number(v) for k, v in row.items())):
+            raise bad(f"'time_breakdown_s' row {t} must be null or an object of seconds per phase")
     if r.get("generator_params") is not None and not all(
         p is None or (isinstance(p, int) and not isinstance(p, bool)) for p in r["generator_params"]
     ):
@@ -385,7 +390,8 @@ def wall_time(run: Run) -> float | None:
 def time_breakdown(run: Run) -> list[tuple[str, float]] | None:
     """Seconds per phase of results.json ``time_breakdown_s`` summed over the tasks
     done, largest first (the phases and ``other`` add up to ``wall_time_s``); None when
-    a task has no breakdown (results.json written before it was recorded)."""
+    a task has no breakdown (results.json written before it was recorded, or a run
+    resumed across that change): the report then has no time table for the run."""
     rows = run.results.get("time_breakdown_s") or []
     if not rows or not all(rows) or len(rows) != len(run.results.get("wall_time_s") or []):
         return None
