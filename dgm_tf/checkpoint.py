@@ -209,6 +209,15 @@ class CheckpointManager:
         self._prune()
         return final
 
+    def check_finite(self, arrays: dict[str, np.ndarray], shared: dict[str, dict[str, np.ndarray]] | None = None) -> None:
+        """What ``save`` refuses, checked now: io_utils.NonFiniteError for a non-finite
+        array, or one of a shared blob this manager has not written yet (a blob it
+        wrote was checked then). For a caller that saves on another thread."""
+        io_utils.check_finite(arrays, what="checkpoint arrays")
+        for key, blob in (shared or {}).items():
+            if key not in self._blobs:
+                io_utils.check_finite(blob, what=f"shared arrays {key!r}")
+
     def _write_blob(self, key: str, blob: dict[str, np.ndarray], check_finite: bool) -> dict:
         """Make ``shared/<key>.npz`` hold ``blob``; returns its record (bytes, sha256)."""
         shared_dir = self.directory / SHARED_DIR

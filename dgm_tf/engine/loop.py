@@ -10,6 +10,7 @@ and writes results.json and the checkpoints.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import os
 import pathlib
@@ -243,21 +244,29 @@ def _run_experiment(config: Config, scenario: Scenario, path: pathlib.Path, resu
         list(scenario.class_order), len(scenario.tasks[0].x_train),
     )
 
+    # Checkpoints are written on a thread of their own (dgm_tf/engine/writer.py): save
+    # takes the snapshot here, in the training thread, and training goes on while it is
+    # written; one write at a time, in order.
+    checkpoint_writer = BackgroundWriter()
+
     def save(phase, task_index, epochs_done, selection, elapsed, stopwatch=None):
         method_state, arrays, shared = method.checkpoint_state(during_task=phase == "epoch")
         if selection is not None:
             arrays.update(selection.arrays())
-        # Refuses non-finite arrays (io_utils.NonFiniteError) before writing or pruning.
-        checkpoints.save(
-            {
-                "phase": phase, "task": task_index, "epochs_done": epochs_done,
-                "engine": rows, "method": method_state, "monitor": monitor.state(),
-                "selection": None if selection is None else selection.state(),
-                "task_elapsed_s": elapsed, "task_time_s": None if stopwatch is None else stopwatch.totals,
-                "config": config.as_dict(), "data": fingerprint,
-            },
-            arrays, shared,
-        )
+        # Refused here, before anything is written or pruned (io_utils.NonFiniteError),
+        # so the error names the epoch that produced it.
+        checkpoints.check_finite(arrays, shared)
+        # A copy: the rows, the monitor's state and the clock go on changing.
+        document = copy.deepcopy({
+            "phase": phase, "task": task_index, "epochs_done": epochs_done,
+            "engine": rows, "method": method_state, "monitor": monitor.state(),
+            "selection": None if selection is None else selection.state(),
+            "task_elapsed_s": elapsed, "task_time_s": None if stopwatch is None else stopwatch.totals,
+            "config": config.as_dict(), "data": fingerprint,
+        })
+        # The arrays are copies already (checkpoint_state, selection.arrays).
+        checkpoint_writer.submit(f"checkpoint of task {task_index + 1} ({phase})",
+                                 lambda: checkpoints.save(document, arrays, shared))
 
     results = _results(config, scenario, rows) if rows["acc"] else {}
     writer = BackgroundWriter()
@@ -272,10 +281,13 @@ def _run_experiment(config: Config, scenario: Scenario, path: pathlib.Path, resu
                     "epochs are kept (lower the learning rates in a new run)"
                 ) from None
         writer.wait()
+        checkpoint_writer.wait()
     except BaseException:
-        # A pending export is finished (or fails) before the process goes on: never a
-        # half-written version left behind by a clean stop.
+        # A pending export or checkpoint is finished (or fails) before the process goes
+        # on: never a half-written version left behind by a clean stop, and the newest
+        # checkpoint taken is on disk.
         writer.drain()
+        checkpoint_writer.drain()
         # Flush what was written, also when training stops on an error; a failure to
         # close (the disk that just filled up) must not hide the error that stopped it.
         try:
