@@ -8,13 +8,16 @@ Points: ``batch:T:E:B`` (before batch B of epoch E of task T, all 0-based; DGM m
 ``begin_task:T``, ``export:V`` (export version V written, not yet renamed into place),
 ``checkpoint:N`` (the N-th checkpoint's arrays written, not yet renamed into place).
 ``enospc:NAME:N`` does not kill: the N-th atomic write of a file called NAME fails as
-if the disk were full.
+if the disk were full. A point inside training (``*batch``, ``begin_task``) first lets a
+checkpoint being written beside training finish (``die(settle=True)``).
 """
 
 import os
 import pathlib
 import signal
 import sys
+import threading
+import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -25,10 +28,23 @@ from dgm_tf.methods import classifier_base, dgm, dynamos, nispa  # noqa: E402
 from tests.dgm_helpers import train_task_with_hook  # noqa: E402
 
 
-def die():
+def die(settle=False):
+    """SIGKILL this process. ``settle``: first let the checkpoint being written beside
+    training finish (dgm_tf/engine/writer.py; at most 60 s), so that a point inside
+    training means "killed with every checkpoint taken so far on disk"; the
+    ``checkpoint:N`` point kills inside a write instead."""
+    deadline = time.monotonic() + 60
+    while settle and time.monotonic() < deadline and any(
+        t.name.startswith("dgm_tf-writer-checkpoint") and t.is_alive() for t in threading.enumerate()
+    ):
+        time.sleep(0.01)
     sys.stdout.flush()
     sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def settle_and_die():
+    die(settle=True)
 
 
 def install(point: str) -> None:
@@ -39,7 +55,7 @@ def install(point: str) -> None:
 
         def on_batch(self, batch, logs=None):
             if (self.trainer.task, self._epoch, batch) == tuple(nums):
-                die()
+                settle_and_die()
             return original(self, batch, logs)
 
         dgm.MaskScaleSchedule.on_train_batch_begin = on_batch
@@ -47,11 +63,11 @@ def install(point: str) -> None:
 
         def on_nispa_batch(self, batch, logs=None):
             if (self.task.index, self.epoch, batch) == tuple(nums):
-                die()
+                settle_and_die()
 
         nispa.NispaPhaseCallback.on_train_batch_begin = on_nispa_batch
     elif kind == "dynamos_batch":
-        dynamos.Dynamos.train_task = train_task_with_hook(dynamos.Dynamos.train_task, nums, die)
+        dynamos.Dynamos.train_task = train_task_with_hook(dynamos.Dynamos.train_task, nums, settle_and_die)
     elif kind == "begin_task":
         # Every method's begin_task (DGMw/DGMa share DGM's; the comparison methods theirs).
         for cls in (dgm.DGM, classifier_base.ClassifierBaseline, nispa.NISPA):
@@ -59,7 +75,7 @@ def install(point: str) -> None:
 
             def begin(self, task, _original=original_begin):
                 if task.index == nums[0]:
-                    die()
+                    settle_and_die()
                 return _original(self, task)
 
             cls.begin_task = begin

@@ -95,7 +95,10 @@ def test_killed_writing_a_checkpoint_mid_task_and_during_export_resumes_to_the_s
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert [p.name for p in CheckpointManager(workdir / "ckpt").paths()] == ["000002", "000003", "000004"]
     assert any(p.name.startswith(".tmp") for p in (workdir / "ckpt").iterdir())
-    assert json.loads((workdir / "results.json").read_text())["tasks_completed"] == 1
+    # The checkpoint is written beside training (dgm_tf/engine/writer.py), which may have
+    # finished task 2 and its results.json before the kill: the resume goes by the
+    # checkpoints, and rewrites results.json.
+    assert json.loads((workdir / "results.json").read_text())["tasks_completed"] in (1, 2)
     # Resumed mid-task in task 2 (grown generator, replay set from ckpt/shared, optimizer
     # slots), then killed while export version 2 is written but not renamed in. (A kill
     # inside an epoch and one as a task begins: the -m slow 4-task test below.)

@@ -10,8 +10,8 @@ and writes results.json and the checkpoints.
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -253,20 +253,23 @@ def _run_experiment(config: Config, scenario: Scenario, path: pathlib.Path, resu
         method_state, arrays, shared = method.checkpoint_state(during_task=phase == "epoch")
         if selection is not None:
             arrays.update(selection.arrays())
-        # Refused here, before anything is written or pruned (io_utils.NonFiniteError),
-        # so the error names the epoch that produced it.
+        # Refused here, in the training thread, before anything is written or pruned
+        # (io_utils.NonFiniteError; the loop names the task), as a synchronous save did.
         checkpoints.check_finite(arrays, shared)
-        # A copy: the rows, the monitor's state and the clock go on changing.
-        document = copy.deepcopy({
+        # Encoded here too, as the write will (io_utils.atomic_write_json: NaN and numpy
+        # scalars are refused), and decoded again: a copy that the rows, the monitor's
+        # state and the clock, which go on changing, cannot reach.
+        document = json.loads(json.dumps({
             "phase": phase, "task": task_index, "epochs_done": epochs_done,
             "engine": rows, "method": method_state, "monitor": monitor.state(),
             "selection": None if selection is None else selection.state(),
             "task_elapsed_s": elapsed, "task_time_s": None if stopwatch is None else stopwatch.totals,
             "config": config.as_dict(), "data": fingerprint,
-        })
-        # The arrays are copies already (checkpoint_state, selection.arrays).
+        }, allow_nan=False))
+        # The arrays are copies (Tensor.numpy) or arrays their owners replace rather than
+        # change in place (ContinualMethod.checkpoint_state); already checked.
         checkpoint_writer.submit(f"checkpoint of task {task_index + 1} ({phase})",
-                                 lambda: checkpoints.save(document, arrays, shared))
+                                 lambda: checkpoints.save(document, arrays, shared, check_finite=False))
 
     results = _results(config, scenario, rows) if rows["acc"] else {}
     writer = BackgroundWriter()

@@ -83,7 +83,11 @@ class ContinualMethod(abc.ABC):
     def checkpoint_state(self, during_task: bool = True) -> tuple[dict, dict[str, np.ndarray], dict]:
         """``(json_state, arrays, shared_arrays)`` from which ``restore_checkpoint``
         rebuilds the method exactly; ``during_task``: taken between epochs of a task
-        (include optimizer state, RNG, replay), else after ``end_task``."""
+        (include optimizer state, RNG, replay), else after ``end_task``.
+
+        The engine writes them on another thread while training goes on
+        (dgm_tf/engine/writer.py): return copies (``Variable.numpy()``) or arrays the
+        method replaces rather than changes in place afterwards."""
         raise NotImplementedError(f"{self.name} does not support checkpoints")
 
     def restore_checkpoint(self, state: dict, arrays: dict, shared: dict, task: TaskData | None) -> None:
