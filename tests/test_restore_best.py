@@ -378,9 +378,10 @@ def test_a_selection_without_kept_weights_keeps_the_last_epoch():
 # epoch {epoch} of task {task} begins: that task's newest checkpoint is then the epoch
 # before's (as tests/kill_driver.py does, which cannot install the script).
 _DRIVER = """
-import os, signal, sys
+import sys
 sys.path.insert(0, {repo!r})
 from dgm_tf import engine, main
+from tests.kill_driver import die
 from tests.test_restore_best import Script
 
 Script().install(setattr, snapshots=False)
@@ -388,8 +389,7 @@ original = engine.NonFiniteGuard.on_epoch_begin
 
 def on_epoch_begin(self, epoch, logs=None):
     if (self.task, epoch) == ({task}, {epoch}):
-        sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+        die(settle=True)  # the previous epoch's checkpoint on disk first (engine/writer.py)
     return original(self, epoch, logs)
 
 engine.NonFiniteGuard.on_epoch_begin = on_epoch_begin
