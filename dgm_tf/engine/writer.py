@@ -4,9 +4,10 @@ Checkpoints: the engine takes each one's snapshot in the training thread when th
 (or task) ends: the arrays are copies, the JSON state is encoded (and so checked) and
 decoded into a copy, and a non-finite array is refused there, before anything is
 written. A ``BackgroundWriter`` of its own then writes it (``CheckpointManager.save``:
-atomic, in order, one at a time), while the next epoch (or task) trains. A write that fails is raised at the next checkpoint or at the end of
-the run, and the engine waits for the pending one before it stops for any reason, so
-the newest checkpoint taken is on disk. A process killed while one is written resumes
+atomic, in order, one at a time), while the next epoch (or task) trains. A write that
+fails is raised at the next checkpoint or at the end of the run, and the engine waits
+for the pending one before it stops for any reason, so the newest checkpoint taken is
+on disk. A process killed while one is written resumes
 from the one before it (one epoch more to train). On session 15's 2-core Zen 4 EPYC a
 checkpoint took about 55 ms of each epoch at 10 tasks (11.4 s of a 20-epoch run), most of
 it the write and its fsyncs (file, directories), which weigh more on a slower or network
